@@ -1,0 +1,61 @@
+"""Metrics to TensorBoard and to metrics.jsonl (machine-readable), main process only."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Optional
+
+# Dense bf16 peak FLOP/s per device, matched by substring of the device name (longest first).
+PEAK_FLOPS = {
+    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12,
+    "L40S": 362e12, "L4": 121e12, "V100": 125e12, "MI300X": 1307e12, "RTX 4090": 165e12,
+}
+
+
+def peak_flops(device_name: Optional[str]) -> Optional[float]:
+    """None when unknown (e.g. CPU): MFU is then reported as n/a."""
+    if not device_name:
+        return None
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_FLOPS[key]
+    return None
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.tb = None
+        self._jsonl = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def scalars(self, step: int, values: Dict[str, float], **context) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if v is not None}
+        if self.tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        self._jsonl.write(json.dumps({"step": step, **context, **clean}) + "\n")
+        self._jsonl.flush()
+
+    def histogram(self, step: int, tag: str, values) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_histogram(tag, values, step)
+
+    def text(self, step: int, tag: str, value: str) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_text(tag, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            if self.tb is not None:
+                self.tb.close()
+            self._jsonl.close()

@@ -1,0 +1,66 @@
+"""Run directory guard: one run at a time (lock file), never silently reuse a different config."""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import yaml
+
+from trainer.checkpoint import checkpoint_dirs
+from trainer.config import RunConfig, to_dict, to_yaml
+from trainer.errors import ConfigError, UserError
+
+# Keys that may change between a run and its resumption without --force.
+_VOLATILE = {("trainer", "resume"), ("trainer", "force"), ("trainer", "progress")}
+
+
+def _comparable(d: dict) -> dict:
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for section, key in _VOLATILE:
+        d.get(section, {}).pop(key, None)
+    return d
+
+
+class RunLock:
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise UserError(f"run dir {path.parent} is in use by another process (lock {path})") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def prepare(run_dir: Path, cfg: RunConfig, accelerator=None) -> RunLock:
+    """Create or re-enter a run dir (main process). Raises before writing anything on conflict."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir / ".lock")
+    try:
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and not cfg.trainer.force:
+            old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            if _comparable(old) != _comparable(to_dict(cfg)):
+                changed = sorted(k for k in set(old) | set(to_dict(cfg))
+                                 if _comparable(old).get(k) != _comparable(to_dict(cfg)).get(k))
+                raise ConfigError(f"run dir {run_dir} holds a run with a different config (sections differ: "
+                                  f"{', '.join(changed)}); use a new trainer.run_dir or trainer.force=true")
+        if cfg.trainer.resume == "never" and checkpoint_dirs(run_dir):
+            raise ConfigError(f"run dir {run_dir} already has checkpoints and trainer.resume=never; "
+                              f"use trainer.resume=auto or a new trainer.run_dir")
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(to_yaml(cfg), encoding="utf-8")
+        os.replace(tmp, saved)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
