@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, disable_progress_bars
 
 from data.tokenizer import Tokenizer
 from trainer.errors import DataError
@@ -27,6 +27,7 @@ def tokenize_to_array(tok: Tokenizer, texts: Sequence[str], cache_dir: str | Pat
     path = Path(cache_dir) / "tokens" / f"{key.hexdigest()[:20]}.npy" if cache_dir else None
     if path is not None and path.is_file():
         return np.load(path)
+    disable_progress_bars()  # one bar per language is noise in logs
     ds = Dataset.from_dict({"text": list(texts)})
     ds = ds.map(lambda b: {"ids": [ids + [tok.eos_id] for ids in tok.encode_batch(b["text"])]},
                 batched=True, remove_columns=["text"], keep_in_memory=True)

@@ -1,1 +1,1 @@
-
+"""Launch configs and renderers: accelerate/DeepSpeed configs, Slurm batch scripts."""

@@ -33,7 +33,7 @@ from trainer.errors import CheckpointError, ConfigError, UserError
 from trainer.logger import RunLogger, peak_flops
 from trainer.model_setup import resolve_model_config
 from trainer.optim import apply_hyperparams, lr_at, param_groups, reset_state, set_lr
-from trainer.phases import RUNNERS, PhaseRunner, stable_seed
+from trainer.phases import PhaseRunner, get_runner, stable_seed
 
 
 class NonFiniteError(UserError):
@@ -275,7 +275,7 @@ class Trainer:
         try:
             while self.phase_idx < len(self.phase_names):
                 p = self.phase_cfg
-                self.runner = RUNNERS[p.kind](self, self.phase_name, p)
+                self.runner = get_runner(p.kind)(self, self.phase_name, p)
                 self.tasks = self.runner.tasks()
                 mid_phase = resumed is not None and (self.task_idx > 0 or self.step_in_task > 0)
                 if mid_phase:

@@ -7,6 +7,7 @@ runner class; SFT and RL register themselves from their own modules.
 """
 from __future__ import annotations
 
+import importlib
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
@@ -152,3 +153,10 @@ class PretrainRunner(PhaseRunner):
 
 
 RUNNERS = {"pretrain": PretrainRunner}
+_RUNNER_MODULES = {"sft": "trainer.sft_phase", "rl": "trainer.rl_phase"}  # register on import
+
+
+def get_runner(kind: str):
+    if kind not in RUNNERS:
+        importlib.import_module(_RUNNER_MODULES[kind])
+    return RUNNERS[kind]

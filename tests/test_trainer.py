@@ -1,0 +1,196 @@
+"""Config loading, schedules, parameter groups, checkpoints and bit-exact resume."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from trainer import checkpoint
+from trainer.callbacks import Callback
+from trainer.cli import main as cli_main
+from trainer.config import OptimConfig, load_config
+from trainer.errors import ConfigError
+from trainer.loop import Trainer
+from trainer.optim import lr_at, param_groups
+
+CONTINUAL = Path(__file__).parent / "data" / "continual_tiny.yaml"
+
+
+def write_cfg(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+# --- config -------------------------------------------------------------------------------
+def test_unknown_key_names_the_key(tmp_path):
+    p = write_cfg(tmp_path, "trainer:\n  learning_rate: 0.1\nphases:\n  p: {kind: pretrain}\n")
+    with pytest.raises(ConfigError, match="trainer.learning_rate"):
+        load_config(p)
+
+
+def test_override_unknown_key_and_bad_type(tmp_path):
+    p = write_cfg(tmp_path, "phases:\n  p: {kind: pretrain}\n")
+    with pytest.raises(ConfigError, match="trainer.nope"):
+        load_config(p, ["trainer.nope=1"])
+    with pytest.raises(ConfigError, match="trainer.micro_batch_size"):
+        load_config(p, ["trainer.micro_batch_size=many"])
+
+
+def test_overrides_reach_phase_sections(tmp_path):
+    p = write_cfg(tmp_path, "phases:\n  pre: {kind: pretrain}\n  sft: {kind: sft, steps: 3}\n")
+    cfg = load_config(p, ["phases.sft.optim.lr=1e-4", "phases.pre.languages=[en,ja]"])
+    assert list(cfg.phases) == ["pre", "sft"]
+    assert cfg.phases["sft"].optim.lr == 1e-4 and cfg.phases["pre"].languages == ["en", "ja"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("phases.p.optim.lr=-1", "phases.p.optim.lr"),
+    ("phases.p.kind=dpo", "phases.p.kind"),
+    ("phases.p.mode=random", "phases.p.mode"),
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
+    ("phases.p.weights=[1.0]", "phases.p.weights"),
+])
+def test_impossible_values(tmp_path, override, key):
+    p = write_cfg(tmp_path, "phases:\n  p: {kind: pretrain, languages: [en, fr]}\n")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(p, [override])
+
+
+def test_cli_bad_key_exit_2_one_line(tmp_path, capsys):
+    p = write_cfg(tmp_path, "phases:\n  p: {kind: pretrain}\n")
+    rc = cli_main(["train", str(p), "trainer.lr=1", f"trainer.run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "trainer.lr" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    p = write_cfg(tmp_path, "phases: [unclosed\n")
+    assert cli_main(["train", str(p)]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+
+
+# --- schedules and groups -----------------------------------------------------------------
+def test_lr_schedules():
+    o = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, 100, o) == pytest.approx(0.1) and lr_at(9, 100, o) == pytest.approx(1.0)
+    assert lr_at(99, 100, o) == pytest.approx(0.1)
+    assert lr_at(10, 100, o) > lr_at(50, 100, o) > lr_at(90, 100, o)
+    w = OptimConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(79, 100, w) == 1.0 and lr_at(99, 100, w) == pytest.approx(0.0) and 0 < lr_at(90, 100, w) < 1
+    c = OptimConfig(lr=0.5, warmup_steps=2, schedule="constant")
+    assert lr_at(1, 10, c) == 0.5 and lr_at(9, 10, c) == 0.5
+
+
+def test_param_groups_skip_norms_biases_embeddings():
+    from models.gpt import GPT, ModelConfig
+    m = GPT(ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=16))
+    decay, keep = param_groups(m, 0.1, ["norm", "bias", "embedding"])
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert all(p.dim() == 2 and "wte" not in names[id(p)] and "wpe" not in names[id(p)] for p in decay["params"])
+    assert any("bias" in names[id(p)] for p in keep["params"]) and any("wte" in names[id(p)] for p in keep["params"])
+    assert len(decay["params"]) + len(keep["params"]) == len(list(m.parameters()))
+    decay_all, _ = param_groups(m, 0.1, [])
+    assert len(decay_all["params"]) == len(list(m.parameters()))
+
+
+# --- training, checkpoints, resume ----------------------------------------------------------
+class StopAt(Callback):
+    """Asks the loop to stop (as SIGTERM would) after a given global step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def post_step(self, trainer, logs):
+        if trainer.global_step == self.step:
+            trainer._stop_requested = True
+
+
+def losses(run_dir):
+    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def continual_cfg(run_dir, cache_dir, **extra):
+    return load_config(CONTINUAL, tiny_overrides(run_dir, cache_dir, **extra))
+
+
+def test_resume_is_bit_exact(tmp_path, cache_dir):
+    straight = tmp_path / "straight"
+    assert Trainer(continual_cfg(straight, cache_dir)).run() == "done"
+    split = tmp_path / "split"
+    # Stop inside the second task (steps 1-6 are task 0, 7-12 task 1): crosses a boundary and a reset.
+    assert Trainer(continual_cfg(split, cache_dir), [StopAt(9)]).run() == "preempted"
+    assert len(losses(split)) == 9
+    assert Trainer(continual_cfg(split, cache_dir)).run() == "done"
+    a, b = losses(straight), losses(split)
+    assert [s for s, _ in a] == list(range(1, 19)) and a == b
+    wa = torch.load  # weights must match too
+    from safetensors.torch import load_file
+    fa, fb = (load_file(str(d / "phases" / "pre" / "model.safetensors")) for d in (straight, split))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_continual_tasks_and_optimizer_reset(tmp_path, cache_dir):
+    seen = []
+
+    class Probe(Callback):
+        def on_task_start(self, trainer):
+            from trainer.optim import innermost
+            seen.append((trainer.task_name, len(innermost(trainer.optimizer).state)))
+
+        def post_step(self, trainer, logs):
+            seen.append(("lr", logs["train/lr"]))
+
+    Trainer(continual_cfg(tmp_path / "r", cache_dir), [Probe()]).run()
+    starts = [s for s in seen if s[0] != "lr"]
+    assert [name for name, _ in starts] == ["en", "fr", "de"]
+    assert all(n_state == 0 for _, n_state in starts)  # Adam state empty at each task start
+    lrs = [v for k, v in seen if k == "lr"]
+    assert lrs[0] == lrs[6] == lrs[12] and lrs[1] > lrs[0]  # warm-up restarts every task
+
+
+def test_no_reset_keeps_state_and_schedule(tmp_path, cache_dir):
+    seen = []
+
+    class Probe(Callback):
+        def on_task_start(self, trainer):
+            from trainer.optim import innermost
+            seen.append(len(innermost(trainer.optimizer).state))
+
+    cfg = continual_cfg(tmp_path / "r", cache_dir, **{"phases.pre.reset_optimizer_per_task": "false"})
+    Trainer(cfg, [Probe()]).run()
+    assert seen[0] == 0 and seen[1] > 0 and seen[2] > 0
+
+
+def test_checkpoint_integrity_fallback(tmp_path, cache_dir):
+    run = tmp_path / "r"
+    Trainer(continual_cfg(run, cache_dir, **{"trainer.keep_checkpoints": 3})).run()
+    ckpts = checkpoint.checkpoint_dirs(run)
+    assert len(ckpts) == 3 and all(checkpoint.verify(c) is None for c in ckpts)
+    newest = ckpts[-1]
+    blob = newest / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    assert "checksum mismatch" in checkpoint.verify(newest)
+    messages = []
+    assert checkpoint.find_latest_valid(run, log=messages.append) == ckpts[-2]
+    assert "model.safetensors" in messages[0]
+
+
+def test_run_dir_with_other_config_is_refused(tmp_path, cache_dir):
+    run = tmp_path / "r"
+    Trainer(continual_cfg(run, cache_dir)).run()
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="different config"):
+        Trainer(continual_cfg(run, cache_dir, **{"phases.pre.optim.lr": 0.5}))
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_demo_config_loads():
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    assert cfg.phases["pretrain"].mode == "stationary" and len(cfg.phases["pretrain"].languages) >= 3
