@@ -1,0 +1,200 @@
+"""The `instruments` callback: plasticity indicators and the probe at every boundary.
+
+Enable it in a config with
+    callbacks:
+      - {name: instruments, probe_steps: 60, online_every: 0}
+At run start (boundary 0, the initial model) and after every task (so also at every phase
+end) it measures, over a fixed frozen measurement set: per-neuron statistics (fused hooks,
+reduced across ranks), representation metrics of the MLP features, weight metrics,
+attention entropy, cloned units, Hessian sharpness, and runs the plasticity probe.  It
+writes RUN/boundaries/NNN-phase-task/{report.json,neurons.safetensors}, one line per
+boundary to RUN/boundaries.jsonl, and scalars + histograms to TensorBoard.
+With `online_every: N` the cheap neuron statistics (and the update norm) are also logged
+from the training forward pass every N steps; between measurements no hook is attached.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from safetensors.torch import save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from trainer.callbacks import Callback, register
+from trainer.errors import ConfigError
+from trainer.instruments import metrics as M
+from trainer.instruments.hooks import NeuronHooks, capture_features
+from trainer.instruments.neuron_stats import flatten_summary
+from trainer.instruments.probe import ProbeConfig, delta_auc, fresh_copy, gathered_copy, probe_model
+from trainer.phases import stable_seed
+
+
+def measurement_rows(trainer, batches_per_language: int) -> torch.Tensor:
+    """A fixed set of validation rows from every pretraining language of the run."""
+    langs = list(dict.fromkeys(l for p in trainer.cfg.phases.values() if p.kind == "pretrain" for l in p.languages))
+    mb = trainer.cfg.trainer.micro_batch_size
+    return torch.cat([trainer.data.rows(l)[1][: mb * batches_per_language] for l in langs or ["en"]])
+
+
+@register("instruments")
+class Instruments(Callback):
+    def __init__(self, measure_batches: int = 4, taus: List[float] = (0.0, 0.01, 0.1), sat_threshold: float = 0.99,
+                 feature_rows: int = 2048, sharpness_iters: int = 10, clone_threshold: float = 0.95,
+                 probe: bool = True, probe_steps: int = 60, probe_lr: float = 1e-3, probe_batch_size: int = 8,
+                 probe_eval_every: int = 10, probe_eval_batches: int = 4, online_every: int = 0,
+                 at_run_start: bool = True):
+        if measure_batches < 1 or probe_steps < 1 or online_every < 0:
+            raise ConfigError("instruments: measure_batches and probe_steps must be >= 1, online_every >= 0")
+        self.measure_batches, self.taus, self.sat_threshold = measure_batches, tuple(taus), sat_threshold
+        self.feature_rows, self.sharpness_iters, self.clone_threshold = feature_rows, sharpness_iters, clone_threshold
+        self.probe_cfg = ProbeConfig(probe_steps, probe_lr, probe_batch_size, probe_eval_every, probe_eval_batches)
+        self.probe_enabled, self.online_every, self.at_run_start = probe, online_every, at_run_start
+        self.boundary = 0
+        self.first_auc: Optional[float] = None
+        self.fresh_auc: Optional[float] = None
+        self._online: Optional[NeuronHooks] = None
+        self._before: Optional[List[torch.Tensor]] = None
+
+    # --- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        as_t = lambda v: torch.tensor(float("nan") if v is None else v, dtype=torch.float64)  # noqa: E731
+        return {"boundary": torch.tensor(self.boundary), "first_auc": as_t(self.first_auc),
+                "fresh_auc": as_t(self.fresh_auc)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.boundary = int(state["boundary"])
+            nan_to_none = lambda t: None if torch.isnan(t) else float(t)  # noqa: E731
+            self.first_auc, self.fresh_auc = nan_to_none(state["first_auc"]), nan_to_none(state["fresh_auc"])
+
+    # --- events -------------------------------------------------------------------------------
+    def on_run_start(self, trainer) -> None:
+        if self.boundary == 0 and trainer.global_step == 0 and self.at_run_start:
+            self.measure(trainer, label="init")
+
+    def on_task_end(self, trainer) -> None:
+        self.measure(trainer, label=f"{trainer.phase_name}-{trainer.task_name}")
+
+    def pre_step(self, trainer) -> None:
+        if self.online_every and (trainer.global_step + 1) % self.online_every == 0:
+            self._online = NeuronHooks(trainer.model).start()
+            self._before = [p.detach().clone() for p in trainer.unwrapped_model.parameters()]
+
+    def post_step(self, trainer, logs: Dict[str, float]) -> None:
+        if self._online is None:
+            return
+        hooks, self._online = self._online.stop(), None
+        acc = hooks.accumulator.all_reduce()
+        values = flatten_summary(acc.summary(self.taus, self.sat_threshold), prefix="online/", include_layers=False)
+        values["online/update_norm"] = M.update_norm(self._before, list(trainer.unwrapped_model.parameters()))
+        self._before = None
+        trainer.log(values)
+
+    # --- the measurement ------------------------------------------------------------------------
+    def _neuron_stats(self, trainer, rows: torch.Tensor):
+        """All ranks: their share of the measurement rows, equal batch counts, summed across ranks."""
+        acc_, mb = trainer.accelerator, trainer.cfg.trainer.micro_batch_size
+        batches = [rows[i:i + mb] for i in range(0, len(rows), mb)]
+        per_rank = -(-len(batches) // acc_.num_processes)
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        hooks = NeuronHooks(model)
+        with torch.no_grad():
+            for i in range(per_rank):
+                j = acc_.process_index + i * acc_.num_processes
+                if j < len(batches):
+                    with hooks:
+                        model(batches[j][:, :-1].to(acc_.device))
+                else:  # keep forwards in lockstep (ZeRO-3) without counting the padding
+                    model(batches[0][:, :-1].to(acc_.device))
+        model.train(was_training)
+        return hooks.accumulator.all_reduce()
+
+    def _model_metrics(self, model, rows: torch.Tensor) -> Dict[str, float]:
+        out: Dict[str, float] = {"mean_abs_param": M.mean_abs_param(model)}
+        batches = [rows[i:i + 8][:, :-1] for i in range(0, len(rows), 8)]
+        feats = capture_features(model, batches, max_rows=self.feature_rows)
+        for name, F in feats.items():
+            out[f"{name}/effective_rank"] = M.effective_rank(F)
+            out[f"{name}/srank"] = float(M.srank(F))
+            out[f"{name}/feature_stable_rank"] = M.stable_rank(F)
+            out[f"{name}/cloned_pairs"] = float(M.cloned_units(F, self.clone_threshold)["cloned_pairs"])
+        for i, block in enumerate(model.blocks):
+            for pname, p in block.mlp.named_parameters():
+                if p.dim() == 2:
+                    out[f"blocks.{i}.mlp.{pname}/weight_stable_rank"] = M.stable_rank(p.detach())
+        for key in ("effective_rank", "srank", "feature_stable_rank", "cloned_pairs"):
+            vals = [v for k, v in out.items() if k.endswith("/" + key) and k.startswith("blocks.")]
+            out[f"overall/{key}"] = sum(vals) / len(vals)
+        with torch.no_grad():
+            _, _, attn = model(batches[0], return_attn=True)
+        ent = M.attention_entropy(attn)
+        out.update({"attention/entropy": ent["mean"], "attention/lazy_heads": float(ent["lazy"]),
+                    "attention/collapsed_heads": float(ent["collapsed"])})
+        if self.sharpness_iters:
+            batch = rows[:8]
+            params = [p for p in model.parameters() if p.requires_grad]
+            loss_fn = lambda: model(batch[:, :-1], batch[:, 1:])[1]  # noqa: E731
+            # Hessian-vector products need double backward, which only the math SDPA kernel has.
+            with sdpa_kernel(SDPBackend.MATH):
+                out["sharpness"] = M.hessian_sharpness(loss_fn, params, iters=self.sharpness_iters,
+                                                       generator=torch.Generator().manual_seed(0))
+        return out
+
+    def _probe(self, trainer, model) -> Dict[str, float]:
+        train_rows, val_rows = trainer.data.probe_rows()
+        device = trainer.accelerator.device
+        if self.fresh_auc is None:
+            fresh = fresh_copy(trainer, stable_seed(trainer.cfg.trainer.seed, "probe-fresh"))
+            self.fresh_auc = probe_model(fresh, train_rows, val_rows, self.probe_cfg, device)["auc"]
+        res = probe_model(copy.deepcopy(model), train_rows, val_rows, self.probe_cfg, device)
+        if self.first_auc is None:
+            self.first_auc = res["auc"]
+        return {"probe/auc": res["auc"], "probe/delta_auc": delta_auc(res["auc"], self.first_auc),
+                "probe/initial_loss": res["initial"], "probe/final_loss": res["final"],
+                "probe/fresh_auc": self.fresh_auc, "probe/transfer_gain": 1.0 - res["auc"] / self.fresh_auc,
+                "_curve": res["curve"]}
+
+    def measure(self, trainer, label: str) -> dict:
+        t0 = time.perf_counter()
+        rows = measurement_rows(trainer, self.measure_batches)
+        acc = self._neuron_stats(trainer, rows)
+        model = gathered_copy(trainer)  # collective under ZeRO-3; a plain copy otherwise
+        report = None
+        if trainer.is_main:
+            rng = torch.get_rng_state()  # measurements must not change the training run
+            summary = acc.summary(self.taus, self.sat_threshold)
+            scalars = flatten_summary(summary, prefix="neurons/", include_layers=True)
+            scalars.update({f"repr/{k}": v for k, v in self._model_metrics(model, rows).items()})
+            curve = None
+            if self.probe_enabled:
+                probe = self._probe(trainer, model)
+                curve = probe.pop("_curve")
+                scalars.update(probe)
+            torch.set_rng_state(rng)
+            report = self._write(trainer, label, summary, scalars, curve, acc.per_neuron(), time.perf_counter() - t0)
+        self.boundary += 1
+        trainer.accelerator.wait_for_everyone()
+        return report
+
+    def _write(self, trainer, label, summary, scalars, curve, per_neuron, seconds) -> dict:
+        out_dir = trainer.run_dir / "boundaries" / f"{self.boundary:03d}-{label}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = {"boundary": self.boundary, "label": label, "phase": trainer.phase_name,
+                  "task": trainer.task_name if label != "init" else "", "global_step": trainer.global_step,
+                  "seconds": seconds, "eval": trainer.last_eval, "scalars": scalars,
+                  "neurons": summary, "probe_curve": curve}
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+        save_file({k: v.contiguous() for k, v in per_neuron.items()}, str(out_dir / "neurons.safetensors"))
+        with open(trainer.run_dir / "boundaries.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: v for k, v in report.items() if k != "neurons"}) + "\n")
+        trainer.log({f"boundary/{k}": v for k, v in scalars.items()})
+        for k, v in per_neuron.items():
+            if k.endswith("/score"):
+                trainer.logger.histogram(trainer.global_step, f"boundary/{k}", v)
+        return report
