@@ -162,7 +162,7 @@ def _tokenizer_from_spm(model_path: str):
 
     if not os.path.isfile(model_path):
         raise CheckpointError(f"export_hf: tokenizer model not found: {model_path}")
-    sp = spm.SentencePieceProcessor(model_file=model_path)
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
     special = {}
     for key, i in (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
                    ("pad_token", sp.pad_id())):
