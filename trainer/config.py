@@ -7,7 +7,9 @@ and checkpoint.  Phases are a mapping name -> PhaseConfig so that overrides read
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -230,3 +232,65 @@ def validate(cfg: RunConfig) -> None:
             _require(0 < p.rl.top_p <= 1, f"{k}.rl.top_p", "must be in (0, 1]")
     for i, entry in enumerate(cfg.callbacks):
         _require(isinstance(entry, dict) and "name" in entry, f"callbacks.{i}", "each entry needs a 'name'")
+    _validate_model(cfg)
+    _validate_resume(t.resume)
+    _validate_rl_world(cfg)
+    _validate_sources(cfg)
+
+
+def _validate_model(cfg: RunConfig) -> None:
+    """Model shape errors before the run dir is touched (the vocab size follows the tokenizer later)."""
+    if cfg.model_size:
+        from models.sizes import PRESETS
+
+        if cfg.model_size not in PRESETS:
+            from trainer.model_setup import parse_count
+
+            _require(parse_count(cfg.model_size) > 0, "model_size", f"'{cfg.model_size}' must be > 0 parameters")
+    else:
+        dataclasses.replace(cfg.model).validate()  # raises ConfigError naming model.<field>
+
+
+def _validate_resume(resume: str) -> None:
+    if resume in ("auto", "never"):
+        return
+    path = Path(resume)
+    _require(path.is_dir(), "trainer.resume", f"'{resume}' is neither auto, never nor a checkpoint directory")
+    _require((path / "manifest.json").is_file(), "trainer.resume",
+             f"{resume} is not a complete checkpoint (no manifest.json)")
+
+
+def _validate_rl_world(cfg: RunConfig) -> None:
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    for name, p in cfg.phases.items():
+        if p.kind == "rl" and world > 1:
+            _require(p.rl.prompts_per_step % world == 0, f"phases.{name}.rl.prompts_per_step",
+                     f"{p.rl.prompts_per_step} is not divisible by the number of processes ({world})")
+
+
+def _validate_sources(cfg: RunConfig) -> None:
+    """Data paths named in the config must exist (cheap checks, before the run dir is touched).
+
+    Language codes are checked when the corpus is read (a DataError naming the language), so
+    that loading a config does not depend on which corpus is installed on this machine.
+    """
+    from data import corpus
+
+    d = cfg.data
+    if d.corpus_dir:
+        _require(Path(d.corpus_dir).is_dir(), "data.corpus_dir", f"corpus directory not found: {d.corpus_dir}")
+    wanted = [("data.tokenizer_languages", lang) for lang in d.tokenizer_languages]
+    wanted += [(f"phases.{name}.languages", lang) for name, p in cfg.phases.items() if p.kind == "pretrain"
+               for lang in p.languages]
+    for key, lang in wanted:
+        if corpus._looks_like_path(lang):
+            _require(lang.endswith(corpus._USER_SUFFIXES), key,
+                     f"data file {lang}: unsupported type (expected one of {', '.join(corpus._USER_SUFFIXES)})")
+            _require(os.path.isfile(lang), key, f"data file not found: {lang}")
+    for name, p in cfg.phases.items():
+        if p.kind == "sft":
+            for f in p.sft.data_files:
+                _require(os.path.isfile(f), f"phases.{name}.sft.data_files", f"data file not found: {f}")

@@ -31,6 +31,9 @@ class RunLock:
         except BlockingIOError:
             os.close(self.fd)
             raise UserError(f"run dir {path.parent} is in use by another process (lock {path})") from None
+
+    def record_owner(self) -> None:
+        """Write our pid into the lock file (only once the run dir is accepted: a refusal changes nothing)."""
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
 
@@ -57,9 +60,12 @@ def prepare(run_dir: Path, cfg: RunConfig, accelerator=None) -> RunLock:
         if cfg.trainer.resume == "never" and checkpoint_dirs(run_dir):
             raise ConfigError(f"run dir {run_dir} already has checkpoints and trainer.resume=never; "
                               f"use trainer.resume=auto or a new trainer.run_dir")
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(to_yaml(cfg), encoding="utf-8")
-        os.replace(tmp, saved)
+        text = to_yaml(cfg)
+        if not (saved.is_file() and saved.read_text(encoding="utf-8") == text):
+            tmp = run_dir / "config.yaml.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, saved)
+        lock.record_owner()
     except BaseException:
         lock.release()
         raise
