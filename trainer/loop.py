@@ -8,6 +8,7 @@ replays the uninterrupted run exactly on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -41,11 +42,44 @@ class NonFiniteError(UserError):
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    use_cpu = not torch.cuda.is_available()
+    no_cuda = not torch.cuda.is_available()
+    # `cpu=True` would silently turn a DeepSpeed launch into plain MULTI_CPU DDP; DeepSpeed on a
+    # CPU box picks its CPU accelerator itself (DS_ACCELERATOR=cpu).
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if use_cpu and distributed else []
-    return Accelerator(gradient_accumulation_steps=cfg.trainer.grad_accum,
-                       mixed_precision=cfg.trainer.mixed_precision, cpu=use_cpu, kwargs_handlers=kwargs)
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if no_cuda and distributed else []
+    acc = Accelerator(gradient_accumulation_steps=cfg.trainer.grad_accum,
+                      mixed_precision=cfg.trainer.mixed_precision, cpu=no_cuda and not deepspeed,
+                      kwargs_handlers=kwargs)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, cfg, acc.num_processes)
+    return acc
+
+
+def fill_deepspeed_config(ds: dict, cfg: RunConfig, world_size: int) -> None:
+    """Our config is the source of truth for what DeepSpeed would otherwise guess or default.
+
+    accelerate fills "auto" batch sizes only from a DataLoader (we have none) and "auto"
+    clipping with 1.0; ZeRO-3 must gather weights for the consolidated phase export.  Explicit
+    DeepSpeed values that contradict the run config are refused.  Clipping follows the phase
+    (trainer.optim.apply_hyperparams updates it per phase), so the file's value is overridden.
+    """
+    tc = cfg.trainer
+
+    def put(key: str, value) -> None:
+        current = ds.get(key, "auto")
+        if current != "auto" and current != value:
+            raise ConfigError(f"DeepSpeed config {key}={current} contradicts the run config ({value}); "
+                              f"set it to \"auto\"")
+        ds[key] = value
+
+    put("train_micro_batch_size_per_gpu", tc.micro_batch_size)
+    put("gradient_accumulation_steps", tc.grad_accum)
+    put("train_batch_size", tc.micro_batch_size * tc.grad_accum * world_size)
+    ds["gradient_clipping"] = float(next(iter(cfg.phases.values())).optim.grad_clip)
+    zero = ds.setdefault("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -57,7 +91,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"weights in {file} do not fit the model: {str(e).splitlines()[0]}") from None
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_embeddings", False) else set()
+    model_cfg = getattr(model, "cfg", None) or getattr(model, "config", None)  # GPT keeps its config in .cfg
+    tied = {"lm_head.weight"} if getattr(model_cfg, "tie_embeddings", False) else set()
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"weights in {file} do not fit the model: missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}")
@@ -159,13 +194,35 @@ class Trainer:
         return state
 
     # --- phase set-up ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _writable_weights(self):
+        """Around in-place weight loads: under DeepSpeed, gather ZeRO-3 partitions (every rank loads
+        the same weights; rank 0's are kept) and afterwards refresh ZeRO's fp32 master copy, which
+        the next optimizer step would otherwise copy back over the loaded weights."""
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            yield
+            return
+        import deepspeed
+        stage3 = self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        params = list(self.unwrapped_model.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0) if stage3 else contextlib.nullcontext():
+            yield
+        layer = self.optimizer
+        while hasattr(layer, "optimizer"):
+            if hasattr(layer, "refresh_fp32_params"):
+                layer.refresh_fp32_params()
+            layer = layer.optimizer
+
     def _begin_phase(self, p: PhaseConfig) -> None:
         model = self.unwrapped_model
         if p.init_from == "fresh":
             torch.manual_seed(stable_seed(self.cfg.trainer.seed, self.phase_name, "init"))
-            model.load_state_dict(GPT(self.model_cfg).state_dict())
+            fresh = GPT(self.model_cfg).state_dict()
+            with self._writable_weights():
+                model.load_state_dict(fresh)
         elif p.init_from != "previous":
-            load_weights(model, Path(p.init_from))
+            with self._writable_weights():
+                load_weights(model, Path(p.init_from))
         if self.phase_idx == 0 or not p.load_optimizer_state:
             reset_state(self.optimizer)
 

@@ -45,6 +45,11 @@ def apply_hyperparams(optimizer, o: OptimConfig) -> None:
         group["weight_decay"] = o.weight_decay if i == 0 else 0.0
         group["betas"] = tuple(o.betas)
         group["eps"] = o.eps
+    layer = optimizer
+    while hasattr(layer, "optimizer"):  # DeepSpeed's ZeRO optimizers clip inside their step
+        if hasattr(layer, "clip_grad"):
+            layer.clip_grad = float(o.grad_clip)
+        layer = layer.optimizer
 
 
 def reset_state(optimizer) -> None:

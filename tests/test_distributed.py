@@ -1,0 +1,185 @@
+"""Multi-process training on CPU: DDP and DeepSpeed ZeRO-1/2/3 reproduce a single process.
+
+Every multi-process run is `accelerate launch`ed (2 processes × micro-batch 4) on tests/dist_train.py
+and compared step by step with one in-process run of micro-batch 8: the ranks take contiguous
+slices of the same global micro-batch, so the losses agree up to float summation order.  The
+config has two phases: a continual one (3 tasks, optimizer reset and re-warm-up at each
+boundary, clipping active) and a second one with `init_from: fresh` and its own clipping /
+weight decay, which exercises per-phase hyperparameters and in-place weight loads under ZeRO.
+
+Run with `pytest -m dist tests/test_distributed.py`.  The first DeepSpeed launch JIT-compiles
+DeepSpeed's CPU comm op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, kept
+between sessions).  See docs/distributed.md.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from trainer.config import load_config
+from trainer.loop import Trainer
+
+pytestmark = pytest.mark.dist
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "dist_train.py"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+RTOL = 1e-5  # measured max |Δloss| ≈ 1.4e-6 on losses ≈ 5-6 for DDP and ZeRO-1/2/3 (docs/distributed.md)
+PRE_CLIP, POST_CLIP = 0.3, 0.2  # below the early gradient norms (≈1), so clipping really acts
+
+CONFIG = f"""\
+trainer:
+  ckpt_interval: 4
+  eval_interval: 5
+phases:
+  pre:
+    kind: pretrain
+    mode: continual
+    languages: [en, fr, de]
+    steps_per_task: 6
+    optim: {{lr: 3.0e-3, warmup_steps: 3, grad_clip: {PRE_CLIP}}}
+  post:
+    kind: pretrain
+    mode: continual
+    languages: [en]
+    steps_per_task: 3
+    init_from: fresh
+    optim: {{lr: 3.0e-3, warmup_steps: 1, grad_clip: {POST_CLIP}, weight_decay: 0.0}}
+"""
+N_STEPS = 3 * 6 + 3
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+needs_launcher = pytest.mark.skipif(not ACCELERATE.is_file(), reason=f"no accelerate launcher at {ACCELERATE}")
+
+
+def losses(run_dir) -> list:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def assert_same_losses(got, want, rtol=RTOL):
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, len(want) + 1))
+    worst = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(got, want))
+    assert worst <= rtol, f"max relative |Δloss| {worst:.2e} > {rtol:.0e}:\n{got}\n{want}"
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("dist-config") / "two_phase.yaml"
+    p.write_text(CONFIG)
+    return p
+
+
+@pytest.fixture(scope="module")
+def overrides(cache_dir):
+    def make(run_dir, micro_batch, **extra):
+        return tiny_overrides(run_dir, cache_dir, **{"trainer.micro_batch_size": micro_batch, **extra})
+    return make
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, config_file, overrides):
+    """One process, micro-batch 8 (in-process; also builds the shared tokenizer cache before any launch)."""
+    run = tmp_path_factory.mktemp("dist") / "single"
+    assert Trainer(load_config(config_file, overrides(run, 8))).run() == "done"
+    return run
+
+
+def launch(launcher_args, config_file, overrides, run_dir, *extra, timeout=300):
+    """`accelerate launch` tests/dist_train.py on 2 CPU processes; returns the main process's output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
+               CUDA_VISIBLE_DEVICES="")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    if "--multi_gpu" in launcher_args:
+        env["ACCELERATE_USE_CPU"] = "true"  # the MULTI_GPU launcher does not pass use_cpu on
+    else:
+        env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed into plain MULTI_CPU
+    cmd = [str(ACCELERATE), "launch", *launcher_args, "--num_processes", "2", "--main_process_port", "0",
+           str(SCRIPT), str(config_file), *overrides(run_dir, 4), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nexit {proc.returncode}:\n{out[-6000:]}"
+    return out
+
+
+DDP = ["--multi_gpu"]
+ZERO = {1: ["--use_deepspeed", "--zero_stage", "1"],  # flags, and the shipped accelerate/DeepSpeed files:
+        2: ["--config_file", "launch/accelerate/zero2.yaml"],
+        3: ["--config_file", "launch/accelerate/zero3.yaml"]}
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory, config_file, overrides, single):
+    run = tmp_path_factory.mktemp("dist") / "zero3"
+    out = launch(ZERO[3], config_file, overrides, run, timeout=600)
+    return run, out
+
+
+@needs_launcher
+def test_ddp_matches_single_process(tmp_path, config_file, overrides, single):
+    out = launch(DDP, config_file, overrides, tmp_path / "ddp")
+    assert "backend: MULTI_CPU processes=2" in out and "outcome: done" in out
+    assert_same_losses(losses(tmp_path / "ddp"), losses(single))
+
+
+@needs_launcher
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_matches_single_process(stage, request, tmp_path, config_file, overrides, single):
+    if stage == 3:
+        run, out = request.getfixturevalue("zero3")
+    else:
+        run = tmp_path / f"zero{stage}"
+        out = launch(ZERO[stage], config_file, overrides, run, timeout=600)
+    assert "backend: DEEPSPEED processes=2" in out and "outcome: done" in out
+    # The last phase's clipping reached DeepSpeed's ZeRO optimizer (it clips inside its own step).
+    assert f"clip_grad={POST_CLIP}" in out
+    ref = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert next(r["train/grad_norm"] for r in ref if "train/grad_norm" in r) > PRE_CLIP  # clipping acts
+    assert_same_losses(losses(run), losses(single))
+
+
+@needs_launcher
+@needs_deepspeed
+def test_zero3_resumes_from_its_own_checkpoint(tmp_path, config_file, overrides, single, zero3):
+    from models.gpt import GPT, ModelConfig
+    from safetensors.torch import load_file
+    from trainer import checkpoint
+    from trainer.loop import load_weights
+
+    straight, _ = zero3
+    split = tmp_path / "split"
+    # Stop inside the second task (steps 7-12): after a task boundary and an optimizer reset.
+    out = launch(ZERO[3], config_file, overrides, split, "--stop-at", "9")
+    assert "outcome: preempted" in out and len(losses(split)) == 9
+    ckpt = checkpoint.find_latest_valid(split)
+    assert ckpt is not None and ckpt.name == "step_00000009" and (ckpt / "pytorch_model").is_dir()
+    out = launch(ZERO[3], config_file, overrides, split, "trainer.resume=auto")
+    assert "resumed from" in out and "step_00000009" in out and "outcome: done" in out
+    assert_same_losses(losses(split), losses(straight))
+    assert len(losses(split)) == N_STEPS
+    # Consolidated (gathered) phase exports load into a plain GPT and match the single process.
+    for phase in ("pre", "post"):
+        out_dir = split / "phases" / phase
+        model = GPT(ModelConfig(**json.loads((out_dir / "model_config.json").read_text())))
+        load_weights(model, out_dir)
+        got, want = load_file(str(out_dir / "model.safetensors")), load_file(str(single / "phases" / phase /
+                                                                                   "model.safetensors"))
+        assert set(got) - {"lm_head.weight"} == set(want) - {"lm_head.weight"}
+        for k in set(got) & set(want):
+            assert torch.allclose(got[k], want[k], rtol=0, atol=1e-4), (phase, k, (got[k] - want[k]).abs().max())
+
+
+def test_grad_accum_matches_larger_micro_batch(tmp_path, config_file, overrides, single):
+    run = tmp_path / "accum"
+    cfg = load_config(config_file, overrides(run, 4, **{"trainer.grad_accum": 2}))
+    assert Trainer(cfg).run() == "done"
+    assert_same_losses(losses(run), losses(single))
