@@ -477,8 +477,6 @@ def test_bad_input_through_a_real_process(tmp_path, cache_dir, corpus_dir):  # n
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs loop.py: drop metrics.jsonl rows after the resumed step "
-                                       "(patch proposed in docs/reliability.md, 'Known limits')")
 def test_replayed_steps_are_not_logged_twice(tmp_path, cache_dir, corpus_dir):  # noqa: F811
     run = tmp_path / "run"
     cfg = lambda: load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir))  # noqa: E731

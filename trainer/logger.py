@@ -46,6 +46,14 @@ class RunLogger:
         self._jsonl.write(json.dumps({"step": step, **context, **clean}) + "\n")
         self._jsonl.flush()
 
+    def reopen(self, swap) -> None:
+        """Close metrics.jsonl, let `swap()` replace the file, and append to the new one."""
+        if self.enabled:
+            path = Path(self._jsonl.name)
+            self._jsonl.close()
+            swap()
+            self._jsonl = open(path, "a", encoding="utf-8")
+
     def histogram(self, step: int, tag: str, values) -> None:
         if self.enabled and self.tb is not None:
             self.tb.add_histogram(tag, values, step)

@@ -102,6 +102,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, extra_callbacks: List[Callback] = ()):
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir)
+        self._stop_requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # from the start: a signal during set-up is a clean stop too
+            signal.signal(sig, self._request_stop)
         self.accelerator = make_accelerator(cfg)
         acc = self.accelerator
         self.is_main = acc.is_main_process
@@ -114,7 +117,9 @@ class Trainer:
                                  d.tokenizer_languages, d.tokenizer_sample_lines,
                                  tokenizer_path=tok_file if tok_file.is_file() else None)
         if self.is_main and not tok_file.is_file():
-            tok_file.write_bytes(self.data.tokenizer.path.read_bytes())
+            tmp = tok_file.with_suffix(".tmp")
+            tmp.write_bytes(self.data.tokenizer.path.read_bytes())
+            os.replace(tmp, tok_file)
         self.model_cfg: ModelConfig = resolve_model_config(cfg, self.data.tokenizer.vocab_size)
         set_seed(cfg.trainer.seed)
         model = GPT(self.model_cfg)
@@ -129,7 +134,6 @@ class Trainer:
         self.runner: Optional[PhaseRunner] = None
         self.tasks = []
         self.last_eval: Dict[str, float] = {}
-        self._stop_requested = False
         self._flops_per_token = flops_per_token(self.model_cfg, self.model_cfg.block_size)
         self._peak = peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
@@ -190,8 +194,25 @@ class Trainer:
             cb.load_state_dict(cb_state.get(cb.name + f"#{i}", {}))
         for key in ("phase_idx", "task_idx", "step_in_task", "global_step", "nonfinite_steps"):
             setattr(self, key, state[key])
+        self._drop_replayed_metrics()
         self._print(f"resumed from {path} (phase {self.phase_name}, task {self.task_idx}, step {self.global_step})")
         return state
+
+    def _drop_replayed_metrics(self) -> None:
+        """Rows logged after the checkpoint we resume from are about to be logged again: drop them."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.global_step:
+                    keep.append(line + "\n")
+            except ValueError:
+                pass  # a line torn by a kill
+        tmp = path.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        self.logger.reopen(lambda: os.replace(tmp, path))
 
     # --- phase set-up ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -290,7 +311,7 @@ class Trainer:
                 raise NonFiniteError(
                     f"non-finite loss/gradients in {self.nonfinite_steps} steps (limit "
                     f"trainer.max_nonfinite_steps={self.cfg.trainer.max_nonfinite_steps}) at step "
-                    f"{self.global_step}; last good checkpoint kept in {self.run_dir / 'checkpoints'}")
+                    f"{self.global_step + 1}; last good checkpoint kept in {self.run_dir / 'checkpoints'}")
         dt = time.perf_counter() - t0
         tok_s = tokens * acc.num_processes / max(dt, 1e-9)
         logs = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
@@ -322,9 +343,9 @@ class Trainer:
     # --- the run --------------------------------------------------------------------------
     def run(self) -> str:
         """Train every remaining phase. Returns "done" or "preempted"."""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._request_stop)
         resumed = self._resume()
+        if self._peak is None:
+            self.logger.text(self.global_step, "perf/mfu", "n/a: no peak FLOP/s known for this device (CPU?)")
         self._fire("on_run_start")
         total_steps = sum(self._phase_steps(p) for p in self.cfg.phases.values())
         bar = tqdm(total=total_steps, initial=self.global_step, disable=not (self.is_main and self.cfg.trainer.progress),
@@ -335,12 +356,13 @@ class Trainer:
                 self.runner = get_runner(p.kind)(self, self.phase_name, p)
                 self.tasks = self.runner.tasks()
                 mid_phase = resumed is not None and (self.task_idx > 0 or self.step_in_task > 0)
+                apply_hyperparams(self.optimizer, p.optim)  # before on_phase_start: callbacks may adjust
                 if mid_phase:
                     self.runner.load_state_dict(resumed["runner"])
+                    self._fire("on_phase_resume")
                 else:
                     self._begin_phase(p)
                     self._fire("on_phase_start")
-                apply_hyperparams(self.optimizer, p.optim)
                 resumed = None
                 if self._run_tasks(p, bar) == "preempted":
                     return "preempted"

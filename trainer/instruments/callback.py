@@ -33,6 +33,13 @@ from trainer.instruments.probe import ProbeConfig, delta_auc, fresh_copy, gather
 from trainer.phases import stable_seed
 
 
+def _boundary_of(line: str) -> float:
+    try:
+        return json.loads(line)["boundary"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line torn by a kill is dropped
+
+
 def measurement_rows(trainer, batches_per_language: int) -> torch.Tensor:
     """A fixed set of validation rows from every pretraining language of the run."""
     langs = list(dict.fromkeys(l for p in trainer.cfg.phases.values() if p.kind == "pretrain" for l in p.languages))
@@ -75,6 +82,11 @@ class Instruments(Callback):
     def on_run_start(self, trainer) -> None:
         if self.boundary == 0 and trainer.global_step == 0 and self.at_run_start:
             self.measure(trainer, label="init")
+        elif trainer.is_main:  # resumed: boundaries measured after the checkpoint will be measured again
+            path = trainer.run_dir / "boundaries.jsonl"
+            if path.is_file():
+                keep = [l for l in path.read_text(encoding="utf-8").splitlines() if _boundary_of(l) < self.boundary]
+                path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
 
     def on_task_end(self, trainer) -> None:
         self.measure(trainer, label=f"{trainer.phase_name}-{trainer.task_name}")
