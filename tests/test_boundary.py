@@ -14,7 +14,8 @@ from trainer.loop import Trainer
 from models.gpt import GPT, ModelConfig
 
 CONTINUAL = Path(__file__).parent / "data" / "continual_tiny.yaml"
-INSTRUMENTS = "[{name: instruments, probe_steps: 12, probe_eval_every: 4, sharpness_iters: 3, online_every: 4}]"
+INSTRUMENTS = ("[{name: instruments, probe_steps: 12, probe_eval_every: 4, sharpness_iters: 3, online_every: 4,"
+               " metrics_every: 5}]")
 
 
 def test_curve_auc_and_delta():
@@ -73,6 +74,10 @@ def test_boundary_reports(tmp_path, cache_dir):
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir()) if (run / "tb").exists() else True
     online = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "online/update_norm" in l]
     assert [o["step"] for o in online] == [4, 8, 12, 16] and all(o["online/update_norm"] > 0 for o in online)
+    assert all(o["online/overall/tokens"] == 4 * 32 // 4 for o in online)  # every 4th token of a 4x32 batch
+    periodic = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "periodic/" in l]
+    assert [p["step"] for p in periodic] == [5, 10, 15]
+    assert all("periodic/repr/overall/effective_rank" in p and "periodic/probe/auc" not in p for p in periodic)
 
 
 def test_boundary_state_survives_resume(tmp_path, cache_dir):

@@ -9,8 +9,10 @@ reduced across ranks), representation metrics of the MLP features, weight metric
 attention entropy, cloned units, Hessian sharpness, and runs the plasticity probe.  It
 writes RUN/boundaries/NNN-phase-task/{report.json,neurons.safetensors}, one line per
 boundary to RUN/boundaries.jsonl, and scalars + histograms to TensorBoard.
-With `online_every: N` the cheap neuron statistics (and the update norm) are also logged
-from the training forward pass every N steps; between measurements no hook is attached.
+With `online_every: N` the neuron statistics of every `online_token_stride`-th token (and
+the update norm) are also logged from the training forward pass every N steps; with
+`metrics_every: N` the boundary metrics without probe and sharpness run every N steps
+(logged as periodic/...). Between measurements no hook is attached.
 """
 from __future__ import annotations
 
@@ -53,13 +55,15 @@ class Instruments(Callback):
                  feature_rows: int = 2048, sharpness_iters: int = 10, clone_threshold: float = 0.95,
                  probe: bool = True, probe_steps: int = 60, probe_lr: float = 1e-3, probe_batch_size: int = 8,
                  probe_eval_every: int = 10, probe_eval_batches: int = 4, online_every: int = 0,
-                 at_run_start: bool = True):
-        if measure_batches < 1 or probe_steps < 1 or online_every < 0:
-            raise ConfigError("instruments: measure_batches and probe_steps must be >= 1, online_every >= 0")
+                 online_token_stride: int = 4, metrics_every: int = 0, at_run_start: bool = True):
+        if measure_batches < 1 or probe_steps < 1 or min(online_every, metrics_every) < 0 or online_token_stride < 1:
+            raise ConfigError("instruments: measure_batches, probe_steps and online_token_stride must be >= 1, "
+                              "online_every and metrics_every >= 0")
         self.measure_batches, self.taus, self.sat_threshold = measure_batches, tuple(taus), sat_threshold
         self.feature_rows, self.sharpness_iters, self.clone_threshold = feature_rows, sharpness_iters, clone_threshold
         self.probe_cfg = ProbeConfig(probe_steps, probe_lr, probe_batch_size, probe_eval_every, probe_eval_batches)
         self.probe_enabled, self.online_every, self.at_run_start = probe, online_every, at_run_start
+        self.online_token_stride, self.metrics_every = online_token_stride, metrics_every
         self.boundary = 0
         self.first_auc: Optional[float] = None
         self.fresh_auc: Optional[float] = None
@@ -93,10 +97,12 @@ class Instruments(Callback):
 
     def pre_step(self, trainer) -> None:
         if self.online_every and (trainer.global_step + 1) % self.online_every == 0:
-            self._online = NeuronHooks(trainer.model).start()
+            self._online = NeuronHooks(trainer.model, token_stride=self.online_token_stride).start()
             self._before = [p.detach().clone() for p in trainer.unwrapped_model.parameters()]
 
     def post_step(self, trainer, logs: Dict[str, float]) -> None:
+        if self.metrics_every and trainer.global_step % self.metrics_every == 0:
+            self.measure(trainer, label=f"step{trainer.global_step}", periodic=True)
         if self._online is None:
             return
         hooks, self._online = self._online.stop(), None
@@ -127,7 +133,7 @@ class Instruments(Callback):
         model.train(was_training)
         return hooks.accumulator.all_reduce()
 
-    def _model_metrics(self, model, rows: torch.Tensor) -> Dict[str, float]:
+    def _model_metrics(self, model, rows: torch.Tensor, sharpness: bool = True) -> Dict[str, float]:
         out: Dict[str, float] = {"mean_abs_param": M.mean_abs_param(model)}
         batches = [rows[i:i + 8][:, :-1] for i in range(0, len(rows), 8)]
         feats = capture_features(model, batches, max_rows=self.feature_rows)
@@ -148,7 +154,7 @@ class Instruments(Callback):
         ent = M.attention_entropy(attn)
         out.update({"attention/entropy": ent["mean"], "attention/lazy_heads": float(ent["lazy"]),
                     "attention/collapsed_heads": float(ent["collapsed"])})
-        if self.sharpness_iters:
+        if self.sharpness_iters and sharpness:
             batch = rows[:8]
             params = [p for p in model.parameters() if p.requires_grad]
             loss_fn = lambda: model(batch[:, :-1], batch[:, 1:])[1]  # noqa: E731
@@ -172,7 +178,9 @@ class Instruments(Callback):
                 "probe/fresh_auc": self.fresh_auc, "probe/transfer_gain": 1.0 - res["auc"] / self.fresh_auc,
                 "_curve": res["curve"]}
 
-    def measure(self, trainer, label: str) -> dict:
+    def measure(self, trainer, label: str, periodic: bool = False) -> dict:
+        """A boundary measurement; `periodic` ones (every `metrics_every` steps) skip the probe and
+        the sharpness, are only logged (prefix periodic/) and do not count as boundaries."""
         t0 = time.perf_counter()
         rows = measurement_rows(trainer, self.measure_batches)
         acc = self._neuron_stats(trainer, rows)
@@ -182,14 +190,21 @@ class Instruments(Callback):
             rng = torch.get_rng_state()  # measurements must not change the training run
             summary = acc.summary(self.taus, self.sat_threshold)
             scalars = flatten_summary(summary, prefix="neurons/", include_layers=True)
-            scalars.update({f"repr/{k}": v for k, v in self._model_metrics(model, rows).items()})
+            scalars.update({f"repr/{k}": v for k, v in self._model_metrics(model, rows, not periodic).items()})
             curve = None
-            if self.probe_enabled:
+            if periodic:
+                trainer.log({f"periodic/{k}": v for k, v in scalars.items()})
+            elif self.probe_enabled:
                 probe = self._probe(trainer, model)
                 curve = probe.pop("_curve")
                 scalars.update(probe)
             torch.set_rng_state(rng)
-            report = self._write(trainer, label, summary, scalars, curve, acc.per_neuron(), time.perf_counter() - t0)
+            if not periodic:
+                report = self._write(trainer, label, summary, scalars, curve, acc.per_neuron(),
+                                     time.perf_counter() - t0)
+        if periodic:
+            trainer.accelerator.wait_for_everyone()
+            return report
         self.boundary += 1
         trainer.accelerator.wait_for_everyone()
         return report

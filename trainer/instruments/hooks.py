@@ -62,8 +62,11 @@ class NeuronHooks:
         eps: float = DEFAULT_EPS,
         delta: float = DEFAULT_DELTA,
         use_triton="auto",
+        token_stride: int = 1,
     ):
         self.model = model
+        # >1: only every k-th token is counted (the online mode's cheap estimate)
+        self.token_stride = int(token_stride)
         self.acc = accumulator if accumulator is not None else NeuronStatsAccumulator(eps=eps, delta=delta, use_triton=use_triton)
         self.gated = gated
         self.blocks = find_mlp_modules(model)
@@ -82,6 +85,12 @@ class NeuronHooks:
     def active(self) -> bool:
         return bool(self._handles)
 
+    def _update(self, name, h, x, kind, role) -> None:
+        if self.token_stride > 1:
+            h = h.reshape(-1, h.shape[-1])[:: self.token_stride]
+            x = x.reshape(-1, x.shape[-1])[:: self.token_stride] if x is not None else None
+        self.acc.update(name, h, x, kind, role=role)
+
     # -- hook bodies ------------------------------------------------------------------
     def _act_hook(self, prefix: str, has_hidden: bool):
         def hook(mod, inp, out):
@@ -90,7 +99,7 @@ class NeuronHooks:
             if has_hidden:
                 self._stash[prefix] = (x, a, out)
             else:
-                self.acc.update(prefix + ".hidden", a, x, self.kinds[prefix], role="hidden")
+                self._update(prefix + ".hidden", a, x, self.kinds[prefix], role="hidden")
 
         return hook
 
@@ -101,7 +110,7 @@ class NeuronHooks:
             st = self._stash.pop(prefix, None)
             kind = self.kinds[prefix]
             if st is None:  # act did not run in this forward: record h alone
-                self.acc.update(prefix + ".hidden", h, None, kind, role="hidden")
+                self._update(prefix + ".hidden", h, None, kind, role="hidden")
                 return
             x, a, a_raw = st
             if self.gated is None:
@@ -112,10 +121,10 @@ class NeuronHooks:
             else:
                 gated = self.gated
             if gated:
-                self.acc.update(prefix + ".hidden", h, None, kind, role="hidden")
-                self.acc.update(prefix + ".act", a, x, kind, role="gate")
+                self._update(prefix + ".hidden", h, None, kind, role="hidden")
+                self._update(prefix + ".act", a, x, kind, role="gate")
             else:
-                self.acc.update(prefix + ".hidden", h, x if x.shape == h.shape else None, kind, role="hidden")
+                self._update(prefix + ".hidden", h, x if x.shape == h.shape else None, kind, role="hidden")
 
         return hook
 

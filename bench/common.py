@@ -1,0 +1,57 @@
+"""Small helpers shared by the benchmark scripts (timing, machine description, markdown)."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def load() -> str:
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "n/a"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    import torch
+    try:
+        import transformers
+        tv = transformers.__version__
+    except Exception:  # pragma: no cover
+        tv = "n/a"
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg": load(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "transformers": tv, "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def fmt(x, nd=0):
+    if x is None or (isinstance(x, float) and x != x):
+        return "n/a"
+    return f"{x:,.{nd}f}"
