@@ -5,11 +5,14 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/demo.yaml
 PIPELINE ?= configs/pipeline/tiny.yaml
+STUDY   ?= configs/study/cpu.yaml
+STUDY_DIR ?= runs/study/cpu
 ARGS    ?=
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: help install demo test test-dist test-fast lint train pipeline tensorboard slurm-train clean
+.PHONY: help install demo test test-dist test-fast lint train pipeline study study-tiny report tensorboard \
+        slurm-train slurm-study bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,11 +47,28 @@ train: $(STAMP)  ## train CONFIG=path [ARGS="key=value ..."]
 pipeline: $(STAMP)  ## continual pretraining -> SFT -> RL on CPU (PIPELINE=configs/pipeline/tiny.yaml)
 	$(BIN)/plasticity run $(PIPELINE) $(ARGS)
 
+study: $(STAMP)  ## run the CPU scaling study (STUDY=configs/study/cpu.yaml, 2 runs at once) and its report
+	$(BIN)/plasticity study run $(STUDY) --parallel 2 $(ARGS)
+	$(BIN)/plasticity report $(STUDY_DIR)
+
+study-tiny: $(STAMP)  ## 3-size smoke study + report -> runs/study/tiny/report/
+	$(BIN)/plasticity study run configs/study/tiny.yaml $(ARGS)
+	$(BIN)/plasticity report runs/study/tiny
+
+report: $(STAMP)  ## Markdown + PNG report of a study dir (STUDY_DIR=runs/study/cpu)
+	$(BIN)/plasticity report $(STUDY_DIR) $(ARGS)
+
 tensorboard: $(STAMP)  ## serve TensorBoard for runs/
 	$(BIN)/tensorboard --logdir runs
 
 slurm-train: $(STAMP)  ## print the sbatch script for CONFIG (ARGS="--nodes 2 --gpus-per-node 8 [--submit]")
 	$(BIN)/plasticity slurm $(CONFIG) $(ARGS)
+
+slurm-study: $(STAMP)  ## print the Slurm array script for STUDY (ARGS="--array N --max-parallel M --gpus-per-node 1 [--submit]")
+	$(BIN)/plasticity slurm $(STUDY) $(ARGS)
+
+bench: $(STAMP)  ## CPU benchmarks -> bench/RESULTS.md (ARGS=--quick for a fast pass)
+	$(BIN)/python -m bench.run_all --out bench/RESULTS.md $(ARGS)
 
 clean:  ## remove caches and runs (keeps .venv)
 	rm -rf runs .cache .pytest_cache build *.egg-info

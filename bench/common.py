@@ -55,3 +55,20 @@ def fmt(x, nd=0):
     if x is None or (isinstance(x, float) and x != x):
         return "n/a"
     return f"{x:,.{nd}f}"
+
+
+def section_main(run, markdown, argv=None) -> int:
+    """`python -m bench.X [--quick] [--json FILE]` for a benchmark section: run, print, save."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    res = run(a.quick)
+    print(markdown(res))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0

@@ -12,7 +12,6 @@ other jobs, so the efficiency is a property of this machine's load as much as of
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import fmt, load, median, now, table
+from bench.common import fmt, load, median, now, section_main, table
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 3
@@ -114,15 +113,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json")
-    a = p.parse_args(argv)
-    res = run(a.quick)
-    print(markdown(res))
-    if a.json:
-        json.dump(res, open(a.json, "w"), indent=1)
-    return 0
+    return section_main(run, markdown, argv)
 
 
 if __name__ == "__main__":

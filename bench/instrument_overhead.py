@@ -16,7 +16,6 @@ The variants run interleaved (a, b, c, a, b, c, ...) and the median wall time of
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import fmt, load, median, now, table
+from bench.common import fmt, load, median, now, section_main, table
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "plasticity-bench"
 STEPS_PER_TASK = 100
+VARIANTS = ("none", "periodic", "boundary", "online")
 PROBE = {"probe_steps": 60, "probe_batch_size": 8, "probe_eval_every": 10, "probe_eval_batches": 4}
 
 
@@ -46,11 +46,11 @@ def overrides(run_dir: Path, steps_per_task: int) -> list:
             f"phases.pre.steps_per_task={steps_per_task}", "phases.pre.optim.warmup_steps=10"]
 
 
-def _online_only_cls():
+def _no_boundary_cls():
     from trainer.instruments.callback import Instruments
 
     class OnlineOnly(Instruments):
-        """Per-step online stats without the boundary measurement."""
+        """Online / periodic measurements only, without the full boundary measurement (probe)."""
 
         def on_run_start(self, trainer):
             pass
@@ -112,7 +112,9 @@ def one_run(variant: str, steps_per_task: int) -> dict:
             ov += ["callbacks=[{name: instruments, probe_steps: %d, probe_batch_size: %d, probe_eval_every: %d, "
                    "probe_eval_batches: %d}]" % tuple(PROBE.values())]
         elif variant == "online":
-            extra = [_online_only_cls()(online_every=1)]
+            extra = [_no_boundary_cls()(online_every=1)]
+        elif variant == "periodic":
+            extra = [_no_boundary_cls()(metrics_every=100)]
         cfg = load_config(None, ov)
         torch.manual_seed(0)
         trainer = Trainer(cfg, extra)
@@ -163,17 +165,18 @@ def run(quick: bool = False, log=print) -> dict:
     one_run("none", 5)
     runs = []
     for r in range(repeats):
-        for v in ("none", "boundary", "online"):
+        for v in VARIANTS:
             log(f"  repeat {r} variant {v} (load {load()})")
             runs.append(one_run(v, STEPS_PER_TASK))
             log(f"    wall {runs[-1]['wall_s']:.1f}s")
-    med = {v: median([x["wall_s"] for x in runs if x["variant"] == v]) for v in ("none", "boundary", "online")}
-    cpu = {v: median([x["cpu_s"] for x in runs if x["variant"] == v]) for v in ("none", "boundary", "online")}
+    med = {v: median([x["wall_s"] for x in runs if x["variant"] == v]) for v in VARIANTS}
+    cpu = {v: median([x["cpu_s"] for x in runs if x["variant"] == v]) for v in VARIANTS}
     b_runs = [x for x in runs if x["variant"] == "boundary"]
     per_boundary = median([s for x in b_runs for s in x["boundary_s"] if s is not None]) if b_runs else None
     res = {"runs": runs, "median_wall_s": med, "median_cpu_s": cpu,
            "cpu_overhead_boundary_pct": 100 * (cpu["boundary"] / cpu["none"] - 1),
-           "cpu_overhead_online_pct": 100 * (cpu["online"] / cpu["none"] - 1), "steps": 2 * STEPS_PER_TASK, "steps_per_task": STEPS_PER_TASK,
+           "cpu_overhead_online_pct": 100 * (cpu["online"] / cpu["none"] - 1),
+           "cpu_overhead_periodic_pct": 100 * (cpu["periodic"] / cpu["none"] - 1), "steps": 2 * STEPS_PER_TASK, "steps_per_task": STEPS_PER_TASK,
            "probe": PROBE, "per_boundary_s": per_boundary,
            "overhead_boundary_pct": 100 * (med["boundary"] / med["none"] - 1),
            "overhead_online_pct": 100 * (med["online"] / med["none"] - 1),
@@ -188,12 +191,17 @@ def run(quick: bool = False, log=print) -> dict:
 def markdown(res: dict) -> str:
     med, cpu = res["median_wall_s"], res["median_cpu_s"]
     ob, oo = res["cpu_overhead_boundary_pct"], res["cpu_overhead_online_pct"]
+    op = res["cpu_overhead_periodic_pct"]
+    wall = lambda v: f"{100 * (med[v] / med['none'] - 1):+.1f}%"  # noqa: E731
     rows = [["(a) no instruments", fmt(med["none"], 1), "-", fmt(cpu["none"], 1), "-", "-"],
-            ["(b) `instruments` at boundaries (every %d steps, + run start)" % res["steps_per_task"],
-             fmt(med["boundary"], 1), f"{res['overhead_boundary_pct']:+.1f}%", fmt(cpu["boundary"], 1), f"{ob:+.1f}%",
-             "<= 3%: " + ("met" if ob <= 3 else "NOT met")],
-            ["(c) online neuron stats every step (online_every: 1, boundary off)", fmt(med["online"], 1),
-             f"{res['overhead_online_pct']:+.1f}%", fmt(cpu["online"], 1), f"{oo:+.1f}%",
+            ["(b) boundary metrics every 100 steps (metrics_every: 100: neuron stats, ranks, clones, attention; "
+             "no probe, no sharpness)", fmt(med["periodic"], 1), wall("periodic"), fmt(cpu["periodic"], 1),
+             f"{op:+.1f}%", "<= 3%: " + ("met" if op <= 3 else "NOT met")],
+            ["(b') full `instruments` at task boundaries (every %d steps + run start, incl. probe and sharpness)"
+             % res["steps_per_task"], fmt(med["boundary"], 1), wall("boundary"), fmt(cpu["boundary"], 1),
+             f"{ob:+.1f}%", "(no goal: the probe is a fine-tuning run)"],
+            ["(c) online neuron stats every step (online_every: 1, every 4th token), boundary off",
+             fmt(med["online"], 1), wall("online"), fmt(cpu["online"], 1), f"{oo:+.1f}%",
              "<= 10%: " + ("met" if oo <= 10 else "NOT met")]]
     p = res["probe"]
     txt = table(["variant", f"median wall s ({res['steps']} steps)", "overhead (wall)", "median CPU s",
@@ -226,15 +234,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json")
-    a = p.parse_args(argv)
-    res = run(a.quick)
-    print(markdown(res))
-    if a.json:
-        json.dump(res, open(a.json, "w"), indent=1)
-    return 0
+    return section_main(run, markdown, argv)
 
 
 if __name__ == "__main__":

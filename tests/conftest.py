@@ -8,6 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from trainer.callbacks import Callback  # noqa: E402
+
 torch.set_num_threads(1)
 
 
@@ -28,3 +30,14 @@ def tiny_overrides(run_dir, cache_dir, **extra):
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+class StopAt(Callback):
+    """Requests a stop (as SIGTERM would) after the given global step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def post_step(self, trainer, logs):
+        if trainer.global_step == self.step:
+            trainer._stop_requested = True

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import StopAt, tiny_overrides
 from trainer.callbacks import Callback
 from trainer.config import load_config
 from trainer.instruments.probe import ProbeConfig, curve_auc, delta_auc, probe_model
@@ -81,14 +81,9 @@ def test_boundary_reports(tmp_path, cache_dir):
 
 
 def test_boundary_state_survives_resume(tmp_path, cache_dir):
-    class StopAt(Callback):
-        def post_step(self, trainer, logs):
-            if trainer.global_step == 9:
-                trainer._stop_requested = True
-
     run = tmp_path / "r"
     cfg = load_config(CONTINUAL, tiny_overrides(run, cache_dir, callbacks=INSTRUMENTS))
-    assert Trainer(cfg, [StopAt()]).run() == "preempted"
+    assert Trainer(cfg, [StopAt(9)]).run() == "preempted"
     assert Trainer(load_config(CONTINUAL, tiny_overrides(run, cache_dir, callbacks=INSTRUMENTS))).run() == "done"
     lines = [json.loads(l) for l in (run / "boundaries.jsonl").read_text().splitlines()]
     assert [l["boundary"] for l in lines] == [0, 1, 2, 3]

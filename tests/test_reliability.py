@@ -19,6 +19,7 @@ import torch
 from reliability_helpers import (CONTINUAL, cli_env, corpus_dir, hooks_path, last_step, loss_trajectory,  # noqa: F401
                                  metric_rows, overrides, phase_weights, run_train, same_weights, sigkill,
                                  start_train, tree_hashes, wait_for)
+from conftest import StopAt
 from trainer import checkpoint
 from trainer.callbacks import Callback
 from trainer.cli import main as cli_main
@@ -32,15 +33,6 @@ STEPS = 18  # continual_tiny: 3 tasks x 6 steps; task boundaries after steps 6 a
 
 def ckpt_dir(run, step):
     return Path(run) / "checkpoints" / f"step_{step:08d}"
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def post_step(self, trainer, logs):
-        if trainer.global_step == self.step:
-            trainer._stop_requested = True
 
 
 # --- shared runs ----------------------------------------------------------------------------

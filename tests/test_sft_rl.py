@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import StopAt, tiny_overrides
 from trainer.callbacks import Callback
 from trainer.config import load_config
 from trainer.loop import Trainer
@@ -52,17 +52,6 @@ def losses(run_dir):
 
 def metrics(run_dir):
     return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-
-
-class StopAt(Callback):
-    """Request a stop (as SIGTERM would) after the given global step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def post_step(self, trainer, logs):
-        if trainer.global_step == self.step:
-            trainer._stop_requested = True
 
 
 # ----------------------------------------------------------------------------- objective pieces

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import StopAt, tiny_overrides
 from trainer import checkpoint
 from trainer.callbacks import Callback
 from trainer.cli import main as cli_main
@@ -98,17 +98,6 @@ def test_param_groups_skip_norms_biases_embeddings():
 
 
 # --- training, checkpoints, resume ----------------------------------------------------------
-class StopAt(Callback):
-    """Asks the loop to stop (as SIGTERM would) after a given global step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def post_step(self, trainer, logs):
-        if trainer.global_step == self.step:
-            trainer._stop_requested = True
-
-
 def losses(run_dir):
     rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]

@@ -29,15 +29,20 @@ def stable_seed(*parts) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
+def lm_split(batch: torch.Tensor):
+    """A packed row holds inputs and targets shifted by one."""
+    return batch[:, :-1], batch[:, 1:]
+
+
 @torch.no_grad()
-def mean_lm_loss(trainer, model, rows: torch.Tensor, batch_size: int, max_batches: int) -> float:
-    """Token-mean loss over fixed batches, split across ranks and reduced.
+def mean_loss(trainer, model, batches: List[torch.Tensor], split=lm_split) -> float:
+    """Mean loss per target token (targets of -100 do not count) over fixed batches,
+    split across ranks and reduced.
 
     Every rank runs the same number of forward passes (padding with zero-weight repeats),
     which ZeRO-3 needs since each forward gathers parameters collectively.
     """
     acc = trainer.accelerator
-    batches = iterate_eval_batches(rows, batch_size, max_batches)
     world, rank = acc.num_processes, acc.process_index
     per_rank = -(-len(batches) // world)
     was_training = model.training
@@ -45,13 +50,17 @@ def mean_lm_loss(trainer, model, rows: torch.Tensor, batch_size: int, max_batche
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     for i in range(per_rank):
         j = rank + i * world
-        batch = batches[j if j < len(batches) else 0].to(acc.device)
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        weight = float(batch[:, 1:].numel()) if j < len(batches) else 0.0
+        x, y = split(batches[j if j < len(batches) else 0].to(acc.device))
+        _, loss = model(x, y)
+        weight = float((y != -100).sum()) if j < len(batches) else 0.0
         total += torch.tensor([loss.double().item() * weight, weight], dtype=torch.float64, device=acc.device)
     total = acc.reduce(total, reduction="sum")
     model.train(was_training)
-    return float(total[0] / total[1])
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def mean_lm_loss(trainer, model, rows: torch.Tensor, batch_size: int, max_batches: int) -> float:
+    return mean_loss(trainer, model, iterate_eval_batches(rows, batch_size, max_batches))
 
 
 class PhaseRunner:

@@ -25,7 +25,7 @@ from data.packing import RowStream, iterate_eval_batches, rank_slice
 from data.sft import IGNORE, evaluate as evaluate_generation, pack_sft
 from data.tasks import Example, load_jsonl_examples, make_examples, split_examples
 from trainer.errors import ConfigError
-from trainer.phases import RUNNERS, PhaseRunner, Task, stable_seed
+from trainer.phases import RUNNERS, PhaseRunner, Task, mean_loss, stable_seed
 
 
 def needs_parallel(families) -> bool:
@@ -98,26 +98,11 @@ class SFTRunner(PhaseRunner):
     def tokens_in(self, batch) -> int:
         return int((batch["y"] != IGNORE).sum())  # trained (response) tokens
 
-    @torch.no_grad()
     def val_loss(self, model) -> float:
         """Response-token mean loss on the eval rows; same number of forwards on every rank."""
-        acc = self.trainer.accelerator
         tc = self.trainer.cfg.trainer
         batches = iterate_eval_batches(self.eval_rows, tc.micro_batch_size, max(tc.eval_batches, 1))
-        world, rank = acc.num_processes, acc.process_index
-        per_rank = -(-len(batches) // world)
-        was_training = model.training
-        model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for i in range(per_rank):
-            j = rank + i * world
-            b = batches[j if j < len(batches) else 0].to(acc.device)
-            _, loss = model(b[:, :self.block], b[:, self.block:])
-            n = float((b[:, self.block:] != IGNORE).sum()) if j < len(batches) else 0.0
-            total += torch.tensor([loss.double().item() * n, n], dtype=torch.float64, device=acc.device)
-        total = acc.reduce(total, reduction="sum")
-        model.train(was_training)
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        return mean_loss(self.trainer, model, batches, split=lambda b: (b[:, :self.block], b[:, self.block:]))
 
     def evaluate(self, model) -> Dict[str, float]:
         if not self.eval_examples:
