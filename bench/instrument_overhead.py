@@ -39,7 +39,7 @@ def overrides(run_dir: Path, steps_per_task: int) -> list:
     return [f"trainer.run_dir={run_dir}", f"data.cache_dir={CACHE}", "data.vocab_size=512",
             "data.tokenizer_languages=[en,fr,de]", "data.tokenizer_sample_lines=2000",
             "model.flavour=gpt2", "model.block_size=128", "model.n_layer=2", "model.n_head=2", "model.n_embd=128",
-            "trainer.micro_batch_size=4", "trainer.eval_batches=1", "trainer.log_interval=10",
+            "trainer.micro_batch_size=16", "trainer.eval_batches=1", "trainer.log_interval=10",
             "trainer.eval_interval=100000", "trainer.ckpt_interval=0", "trainer.resume=never",
             "trainer.progress=false", "trainer.tensorboard=false",
             "phases.pre.kind=pretrain", "phases.pre.mode=continual", "phases.pre.languages=[en,fr]",

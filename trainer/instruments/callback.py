@@ -52,10 +52,11 @@ def measurement_rows(trainer, batches_per_language: int) -> torch.Tensor:
 @register("instruments")
 class Instruments(Callback):
     def __init__(self, measure_batches: int = 4, taus: List[float] = (0.0, 0.01, 0.1), sat_threshold: float = 0.99,
-                 feature_rows: int = 2048, sharpness_iters: int = 10, clone_threshold: float = 0.95,
+                 feature_rows: int = 1024, sharpness_iters: int = 10, clone_threshold: float = 0.95,
                  probe: bool = True, probe_steps: int = 60, probe_lr: float = 1e-3, probe_batch_size: int = 8,
                  probe_eval_every: int = 10, probe_eval_batches: int = 4, online_every: int = 0,
-                 online_token_stride: int = 4, metrics_every: int = 0, at_run_start: bool = True):
+                 online_token_stride: int = 4, metrics_every: int = 0, periodic_batches: int = 1,
+                 at_run_start: bool = True):
         if measure_batches < 1 or probe_steps < 1 or min(online_every, metrics_every) < 0 or online_token_stride < 1:
             raise ConfigError("instruments: measure_batches, probe_steps and online_token_stride must be >= 1, "
                               "online_every and metrics_every >= 0")
@@ -64,6 +65,7 @@ class Instruments(Callback):
         self.probe_cfg = ProbeConfig(probe_steps, probe_lr, probe_batch_size, probe_eval_every, probe_eval_batches)
         self.probe_enabled, self.online_every, self.at_run_start = probe, online_every, at_run_start
         self.online_token_stride, self.metrics_every = online_token_stride, metrics_every
+        self.periodic_batches = periodic_batches
         self.boundary = 0
         self.first_auc: Optional[float] = None
         self.fresh_auc: Optional[float] = None
@@ -135,7 +137,10 @@ class Instruments(Callback):
 
     def _model_metrics(self, model, rows: torch.Tensor, sharpness: bool = True) -> Dict[str, float]:
         out: Dict[str, float] = {"mean_abs_param": M.mean_abs_param(model)}
-        batches = [rows[i:i + 8][:, :-1] for i in range(0, len(rows), 8)]
+        # enough sequences for 2x feature_rows tokens, spread evenly over the languages
+        n_seq = min(len(rows), max(1, -(-2 * self.feature_rows // (rows.shape[1] - 1))))
+        feature_rows = rows[torch.linspace(0, len(rows) - 1, n_seq).round().long()]
+        batches = [feature_rows[i:i + 8][:, :-1] for i in range(0, len(feature_rows), 8)]
         feats = capture_features(model, batches, max_rows=self.feature_rows)
         for name, F in feats.items():
             out[f"{name}/effective_rank"] = M.effective_rank(F)
@@ -182,7 +187,7 @@ class Instruments(Callback):
         """A boundary measurement; `periodic` ones (every `metrics_every` steps) skip the probe and
         the sharpness, are only logged (prefix periodic/) and do not count as boundaries."""
         t0 = time.perf_counter()
-        rows = measurement_rows(trainer, self.measure_batches)
+        rows = measurement_rows(trainer, self.periodic_batches if periodic else self.measure_batches)
         acc = self._neuron_stats(trainer, rows)
         model = gathered_copy(trainer)  # collective under ZeRO-3; a plain copy otherwise
         report = None
