@@ -100,6 +100,41 @@ class _Timers:
             setattr(owner, attr, orig)
 
 
+class _InstrumentClock:
+    """Seconds spent in the instruments during a run: the callback's events (pre_step, post_step,
+    on_run_start, on_task_end) and the forward hooks' statistics. Nested calls (hooks inside a measurement) count once. Measured
+    inside the same run as the training time, so it is free of the run-to-run noise that the
+    difference of two runs' totals carries on a shared machine."""
+
+    def __enter__(self):
+        import trainer.instruments.callback as C
+        import trainer.instruments.hooks as H
+
+        self.seconds, self._depth, self.saved = 0.0, 0, []
+        for owner, attr in ((C.Instruments, "pre_step"), (C.Instruments, "post_step"),
+                            (C.Instruments, "on_run_start"), (C.Instruments, "on_task_end"),
+                            (H.NeuronHooks, "_update")):
+            orig = getattr(owner, attr)
+            self.saved.append((owner, attr, orig))
+
+            def wrapped(*a, _orig=orig, **k):
+                self._depth += 1
+                t0 = time.process_time()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    self._depth -= 1
+                    if self._depth == 0:
+                        self.seconds += time.process_time() - t0
+
+            setattr(owner, attr, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, orig in reversed(self.saved):
+            setattr(owner, attr, orig)
+
+
 def one_run(variant: str, steps_per_task: int) -> dict:
     from trainer.config import load_config
     from trainer.loop import Trainer
@@ -118,7 +153,7 @@ def one_run(variant: str, steps_per_task: int) -> dict:
         cfg = load_config(None, ov)
         torch.manual_seed(0)
         trainer = Trainer(cfg, extra)
-        with _Timers() as timers:
+        with _Timers() as timers, _InstrumentClock() as clock:
             t0, c0 = now(), time.process_time()
             outcome = trainer.run()
             wall, cpu = now() - t0, time.process_time() - c0
@@ -131,7 +166,7 @@ def one_run(variant: str, steps_per_task: int) -> dict:
         steps = steps_per_task * 2
         return {"variant": variant, "wall_s": wall, "cpu_s": cpu, "outcome": outcome, "steps": steps,
                 "boundaries": len(b_secs), "boundary_s": b_secs, "load_avg": load(),
-                "parts_s": timers.t if variant == "boundary" else {}}
+                "parts_s": timers.t if variant == "boundary" else {}, "instrument_cpu_s": clock.seconds}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -171,9 +206,11 @@ def run(quick: bool = False, log=print) -> dict:
             log(f"    wall {runs[-1]['wall_s']:.1f}s")
     med = {v: median([x["wall_s"] for x in runs if x["variant"] == v]) for v in VARIANTS}
     cpu = {v: median([x["cpu_s"] for x in runs if x["variant"] == v]) for v in VARIANTS}
+    direct = {v: median([100 * x["instrument_cpu_s"] / (x["cpu_s"] - x["instrument_cpu_s"])
+                         for x in runs if x["variant"] == v]) for v in VARIANTS}
     b_runs = [x for x in runs if x["variant"] == "boundary"]
     per_boundary = median([s for x in b_runs for s in x["boundary_s"] if s is not None]) if b_runs else None
-    res = {"runs": runs, "median_wall_s": med, "median_cpu_s": cpu,
+    res = {"runs": runs, "median_wall_s": med, "median_cpu_s": cpu, "direct_overhead_pct": direct,
            "cpu_overhead_boundary_pct": 100 * (cpu["boundary"] / cpu["none"] - 1),
            "cpu_overhead_online_pct": 100 * (cpu["online"] / cpu["none"] - 1),
            "cpu_overhead_periodic_pct": 100 * (cpu["periodic"] / cpu["none"] - 1), "steps": 2 * STEPS_PER_TASK, "steps_per_task": STEPS_PER_TASK,
@@ -192,22 +229,26 @@ def markdown(res: dict) -> str:
     med, cpu = res["median_wall_s"], res["median_cpu_s"]
     ob, oo = res["cpu_overhead_boundary_pct"], res["cpu_overhead_online_pct"]
     op = res["cpu_overhead_periodic_pct"]
+    d = res["direct_overhead_pct"]
     wall = lambda v: f"{100 * (med[v] / med['none'] - 1):+.1f}%"  # noqa: E731
-    rows = [["(a) no instruments", fmt(med["none"], 1), "-", fmt(cpu["none"], 1), "-", "-"],
+    rows = [["(a) no instruments", fmt(med["none"], 1), "-", fmt(cpu["none"], 1), "-", "-", "-"],
             ["(b) boundary metrics every 100 steps (metrics_every: 100: neuron stats, ranks, clones, attention; "
              "no probe, no sharpness)", fmt(med["periodic"], 1), wall("periodic"), fmt(cpu["periodic"], 1),
-             f"{op:+.1f}%", "<= 3%: " + ("met" if op <= 3 else "NOT met")],
+             f"{op:+.1f}%", f"{d['periodic']:.1f}%", "<= 3%: " + ("met" if d["periodic"] <= 3 else "NOT met")],
             ["(b') full `instruments` at task boundaries (every %d steps + run start, incl. probe and sharpness)"
              % res["steps_per_task"], fmt(med["boundary"], 1), wall("boundary"), fmt(cpu["boundary"], 1),
-             f"{ob:+.1f}%", "(no goal: the probe is a fine-tuning run)"],
+             f"{ob:+.1f}%", f"{d['boundary']:.1f}%", "(no goal: the probe is a fine-tuning run)"],
             ["(c) online neuron stats every step (online_every: 1, every 4th token), boundary off",
-             fmt(med["online"], 1), wall("online"), fmt(cpu["online"], 1), f"{oo:+.1f}%",
-             "<= 10%: " + ("met" if oo <= 10 else "NOT met")]]
+             fmt(med["online"], 1), wall("online"), fmt(cpu["online"], 1), f"{oo:+.1f}%", f"{d['online']:.1f}%",
+             "<= 10%: " + ("met" if d["online"] <= 10 else "NOT met")]]
     p = res["probe"]
-    txt = table(["variant", f"median wall s ({res['steps']} steps)", "overhead (wall)", "median CPU s",
-                 "overhead (CPU)", "goal (judged on CPU time)"], rows)
-    txt += ("\n\nWall time of Trainer.run() swings by 2x between identical runs on this shared machine; the process "
-            "CPU time (time.process_time, one torch thread) is far more stable, so the goals are judged on it.")
+    txt = table(["variant", f"median wall s ({res['steps']} steps)", "overhead (wall, vs (a))", "median CPU s",
+                 "overhead (CPU, vs (a))", "overhead (in-run clock)", "goal (judged on the in-run clock)"], rows)
+    txt += ("\n\nThe run-to-run spread of identical runs (see 'All runs' below: ±5% even in CPU time) is larger "
+            "than the 3% being judged, so the goals are judged on the in-run clock: CPU seconds spent inside the "
+            "instruments (the callback's events, which include every measurement, and the forward "
+            "hooks' statistics) divided by the rest of the same run's CPU time, median over runs. The two "
+            "columns before it are the plain differences to (a), for reference.")
     txt += (f"\n\nProbe budget per boundary: {p['probe_steps']} fine-tuning steps x batch {p['probe_batch_size']}, "
             f"validation every {p['probe_eval_every']} steps on {p['probe_eval_batches']} batches (+ one probe of a "
             f"fresh initialisation at the first boundary). Boundaries in (b): 3 (run start, after task en, after task fr).")
@@ -223,8 +264,9 @@ def markdown(res: dict) -> str:
         txt += table(["part", "s per run (3 boundaries)"],
                      [[k, fmt(median([r["parts_s"][k] for r in b_runs]), 1)] for k in parts])
     txt += "\n\nAll runs (interleaved):\n\n" + table(
-        ["variant", "wall s", "CPU s", "boundary s (wall)", "load avg after"],
-        [[r["variant"], fmt(r["wall_s"], 1), fmt(r["cpu_s"], 1), ", ".join(fmt(s, 1) for s in r["boundary_s"]) or "-", r["load_avg"]]
+        ["variant", "wall s", "CPU s", "instruments CPU s", "boundary s (wall)", "load avg after"],
+        [[r["variant"], fmt(r["wall_s"], 1), fmt(r["cpu_s"], 1), fmt(r.get("instrument_cpu_s", 0), 2),
+          ", ".join(fmt(s, 1) for s in r["boundary_s"]) or "-", r["load_avg"]]
          for r in res["runs"]])
     txt += "\n\nNeuron statistics, CPU, `fused_stats` (torch path) vs `reference_stats`, median of interleaved calls:\n\n"
     txt += table(["activations", "act", "fused ms", "reference ms", "reference/fused", "equal (allclose)", "load avg"],

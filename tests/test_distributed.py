@@ -183,3 +183,37 @@ def test_grad_accum_matches_larger_micro_batch(tmp_path, config_file, overrides,
     cfg = load_config(config_file, overrides(run, 4, **{"trainer.grad_accum": 2}))
     assert Trainer(cfg).run() == "done"
     assert_same_losses(losses(run), losses(single))
+
+
+INSTRUMENTS = "[{name: instruments, probe_steps: 4, probe_eval_every: 2, probe_batch_size: 4, sharpness_iters: 2}]"
+
+
+def boundary_scalars(run_dir) -> list:
+    return [json.loads(line)["scalars"] for line in (Path(run_dir) / "boundaries.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_instrumented(tmp_path_factory, config_file, overrides, single):
+    run = tmp_path_factory.mktemp("dist") / "single-instr"
+    assert Trainer(load_config(config_file, overrides(run, 8, callbacks=INSTRUMENTS))).run() == "done"
+    return run
+
+
+@needs_launcher
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_boundary_instruments_under_multiple_processes(backend, tmp_path, config_file, overrides,
+                                                       single_instrumented):
+    """Neuron statistics are summed over the ranks' shares of the measurement set and the probe runs
+    on gathered weights, so 2 processes report what one process reports."""
+    if backend == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    run = tmp_path / backend
+    launch(DDP if backend == "ddp" else ZERO[3], config_file, overrides, run, f"callbacks={INSTRUMENTS}",
+           timeout=600)
+    got, want = boundary_scalars(run), boundary_scalars(single_instrumented)
+    assert len(got) == len(want) == 1 + 3 + 1  # run start + 3 continual tasks + the second phase
+    for g, w in zip(got, want):
+        assert g["neurons/overall/tokens"] == w["neurons/overall/tokens"]  # every measured token, once
+        for key in ("neurons/overall/mean_abs", "neurons/overall/active_freq", "repr/mean_abs_param",
+                    "repr/overall/effective_rank", "probe/auc", "probe/delta_auc"):
+            assert g[key] == pytest.approx(w[key], rel=1e-3, abs=1e-3), (key, g[key], w[key])

@@ -55,7 +55,7 @@ class Instruments(Callback):
                  feature_rows: int = 1024, sharpness_iters: int = 10, clone_threshold: float = 0.95,
                  probe: bool = True, probe_steps: int = 60, probe_lr: float = 1e-3, probe_batch_size: int = 8,
                  probe_eval_every: int = 10, probe_eval_batches: int = 4, online_every: int = 0,
-                 online_token_stride: int = 4, metrics_every: int = 0, periodic_batches: int = 1,
+                 online_token_stride: int = 4, metrics_every: int = 0, periodic_rows: int = 16,
                  at_run_start: bool = True):
         if measure_batches < 1 or probe_steps < 1 or min(online_every, metrics_every) < 0 or online_token_stride < 1:
             raise ConfigError("instruments: measure_batches, probe_steps and online_token_stride must be >= 1, "
@@ -65,11 +65,13 @@ class Instruments(Callback):
         self.probe_cfg = ProbeConfig(probe_steps, probe_lr, probe_batch_size, probe_eval_every, probe_eval_batches)
         self.probe_enabled, self.online_every, self.at_run_start = probe, online_every, at_run_start
         self.online_token_stride, self.metrics_every = online_token_stride, metrics_every
-        self.periodic_batches = periodic_batches
+        self.periodic_rows = periodic_rows
         self.boundary = 0
         self.first_auc: Optional[float] = None
         self.fresh_auc: Optional[float] = None
         self._online: Optional[NeuronHooks] = None
+        self._online_hooks: Optional[NeuronHooks] = None  # built once, attached only for online steps
+        self._params: List[torch.Tensor] = []
         self._before: Optional[List[torch.Tensor]] = None
 
     # --- state ------------------------------------------------------------------------------
@@ -99,8 +101,12 @@ class Instruments(Callback):
 
     def pre_step(self, trainer) -> None:
         if self.online_every and (trainer.global_step + 1) % self.online_every == 0:
-            self._online = NeuronHooks(trainer.model, token_stride=self.online_token_stride).start()
-            self._before = [p.detach().clone() for p in trainer.unwrapped_model.parameters()]
+            if self._online_hooks is None:
+                self._online_hooks = NeuronHooks(trainer.model, token_stride=self.online_token_stride,
+                                                 record_pre_activation=False)
+                self._params = list(trainer.unwrapped_model.parameters())
+            self._online = self._online_hooks.start()
+            self._before = torch._foreach_mul(self._params, 1.0)  # one fused copy
 
     def post_step(self, trainer, logs: Dict[str, float]) -> None:
         if self.metrics_every and trainer.global_step % self.metrics_every == 0:
@@ -110,7 +116,8 @@ class Instruments(Callback):
         hooks, self._online = self._online.stop(), None
         acc = hooks.accumulator.all_reduce()
         values = flatten_summary(acc.summary(self.taus, self.sat_threshold), prefix="online/", include_layers=False)
-        values["online/update_norm"] = M.update_norm(self._before, list(trainer.unwrapped_model.parameters()))
+        acc.reset()
+        values["online/update_norm"] = M.update_norm(self._before, self._params)
         self._before = None
         trainer.log(values)
 
@@ -143,9 +150,10 @@ class Instruments(Callback):
         batches = [feature_rows[i:i + 8][:, :-1] for i in range(0, len(feature_rows), 8)]
         feats = capture_features(model, batches, max_rows=self.feature_rows)
         for name, F in feats.items():
-            out[f"{name}/effective_rank"] = M.effective_rank(F)
-            out[f"{name}/srank"] = float(M.srank(F))
-            out[f"{name}/feature_stable_rank"] = M.stable_rank(F)
+            sv = M.singular_values(F)
+            out[f"{name}/effective_rank"] = M.effective_rank(sv=sv)
+            out[f"{name}/srank"] = float(M.srank(sv=sv))
+            out[f"{name}/feature_stable_rank"] = M.stable_rank(sv=sv)
             out[f"{name}/cloned_pairs"] = float(M.cloned_units(F, self.clone_threshold)["cloned_pairs"])
         for i, block in enumerate(model.blocks):
             for pname, p in block.mlp.named_parameters():
@@ -187,7 +195,9 @@ class Instruments(Callback):
         """A boundary measurement; `periodic` ones (every `metrics_every` steps) skip the probe and
         the sharpness, are only logged (prefix periodic/) and do not count as boundaries."""
         t0 = time.perf_counter()
-        rows = measurement_rows(trainer, self.periodic_batches if periodic else self.measure_batches)
+        rows = measurement_rows(trainer, 1 if periodic else self.measure_batches)
+        if periodic:  # a small fixed subset, spread evenly over the languages
+            rows = rows[torch.linspace(0, len(rows) - 1, min(len(rows), self.periodic_rows)).round().long()]
         acc = self._neuron_stats(trainer, rows)
         model = gathered_copy(trainer)  # collective under ZeRO-3; a plain copy otherwise
         report = None

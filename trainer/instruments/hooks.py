@@ -63,10 +63,13 @@ class NeuronHooks:
         delta: float = DEFAULT_DELTA,
         use_triton="auto",
         token_stride: int = 1,
+        record_pre_activation: bool = True,
     ):
         self.model = model
         # >1: only every k-th token is counted (the online mode's cheap estimate)
         self.token_stride = int(token_stride)
+        # False: skip the saturation statistic (it needs the pre-activation), for cheap online use
+        self.record_pre_activation = record_pre_activation
         self.acc = accumulator if accumulator is not None else NeuronStatsAccumulator(eps=eps, delta=delta, use_triton=use_triton)
         self.gated = gated
         self.blocks = find_mlp_modules(model)
@@ -86,6 +89,8 @@ class NeuronHooks:
         return bool(self._handles)
 
     def _update(self, name, h, x, kind, role) -> None:
+        if not self.record_pre_activation:
+            x = None
         if self.token_stride > 1:
             h = h.reshape(-1, h.shape[-1])[:: self.token_stride]
             x = x.reshape(-1, x.shape[-1])[:: self.token_stride] if x is not None else None

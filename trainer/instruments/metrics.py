@@ -24,7 +24,7 @@ def _svdvals(A: torch.Tensor) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.float64)
     A = A.to(torch.float64)
     m, n = A.shape
-    if max(m, n) < 4 * min(m, n):
+    if max(m, n) < 2 * min(m, n):
         return torch.linalg.svdvals(A)
     # Tall/wide feature matrices (tokens x neurons): the eigenvalues of the small Gram matrix
     # give the same singular values several times faster; float64 keeps σ down to ~1e-8·σ_max,
@@ -33,13 +33,18 @@ def _svdvals(A: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(G).clamp(min=0).sqrt().flip(0)
 
 
-def effective_rank(A: torch.Tensor) -> float:
+def singular_values(A: torch.Tensor) -> torch.Tensor:
+    """σ of A in float64, descending: compute once, pass as `sv=` to the rank metrics below."""
+    return _svdvals(A)
+
+
+def effective_rank(A: Optional[torch.Tensor] = None, *, sv: Optional[torch.Tensor] = None) -> float:
     """Effective rank (Roy & Vetterli, 2007).
 
     p_i = σ_i / Σ_j σ_j ;  erank(A) = exp(−Σ_i p_i log p_i)  (0·log 0 = 0).
-    Lies in [1, min(m, n)]; 0.0 for the zero matrix.
+    Lies in [1, min(m, n)]; 0.0 for the zero matrix. `sv`: precomputed `singular_values(A)`.
     """
-    s = _svdvals(A)
+    s = _svdvals(A) if sv is None else sv
     tot = s.sum()
     if s.numel() == 0 or tot <= 0:
         return 0.0
@@ -48,13 +53,13 @@ def effective_rank(A: torch.Tensor) -> float:
     return float(torch.exp(ent))
 
 
-def srank(A: torch.Tensor, delta: float = 0.01) -> int:
+def srank(A: Optional[torch.Tensor] = None, delta: float = 0.01, *, sv: Optional[torch.Tensor] = None) -> int:
     """srank_δ (Kumar et al., 2021, "Implicit under-parameterization"), reported as srank_{1−δ}.
 
     srank_δ(A) = min { k : Σ_{i≤k} σ_i / Σ_i σ_i ≥ 1 − δ }, σ sorted descending.
     0 for the zero matrix.
     """
-    s = _svdvals(A)
+    s = _svdvals(A) if sv is None else sv
     tot = s.sum()
     if s.numel() == 0 or tot <= 0:
         return 0
@@ -63,9 +68,9 @@ def srank(A: torch.Tensor, delta: float = 0.01) -> int:
     return min(k, s.numel())
 
 
-def stable_rank(A: torch.Tensor) -> float:
+def stable_rank(A: Optional[torch.Tensor] = None, *, sv: Optional[torch.Tensor] = None) -> float:
     """Stable rank ‖A‖_F² / ‖A‖_2² = Σ σ_i² / σ_max² (0.0 for the zero matrix)."""
-    s = _svdvals(A)
+    s = _svdvals(A) if sv is None else sv
     if s.numel() == 0 or s[0] <= 0:
         return 0.0
     return float((s * s).sum() / (s[0] * s[0]))
@@ -134,11 +139,14 @@ def update_norm(before: TensorsLike, after: TensorsLike) -> float:
         if len(vb) != len(va):
             raise ValueError(f"update_norm: {len(vb)} tensors before but {len(va)} after")
         pairs = list(zip(vb, va))
-    tot = torch.zeros((), dtype=torch.float64)
-    for b, a in pairs:
-        d = a.detach().to(torch.float64) - b.detach().to(device=a.device, dtype=torch.float64)
-        tot = tot + d.pow(2).sum().cpu()
-    return float(tot.sqrt())
+    if not pairs:
+        return 0.0
+    # One fused pass per list (torch._foreach_*): θ_after − θ_before is exact in the parameters'
+    # own dtype for an update much smaller than θ (Sterbenz), and the norms are summed in float64.
+    after_t = [a.detach() for _, a in pairs]
+    before_t = [b.detach().to(device=a.device, dtype=a.dtype) for b, a in pairs]
+    norms = torch._foreach_norm(torch._foreach_sub(after_t, before_t))
+    return float(torch.stack([n.double().cpu() for n in norms]).pow(2).sum().sqrt())
 
 
 # --------------------------------------------------------------------------- attention
