@@ -217,3 +217,34 @@ def test_boundary_instruments_under_multiple_processes(backend, tmp_path, config
         for key in ("neurons/overall/mean_abs", "neurons/overall/active_freq", "repr/mean_abs_param",
                     "repr/overall/effective_rank", "probe/auc", "probe/delta_auc"):
             assert g[key] == pytest.approx(w[key], rel=1e-3, abs=1e-3), (key, g[key], w[key])
+
+
+MITIGATIONS = ("[{name: redo, tau: 0.3, every: 4, at: [task_end]}, {name: l2_init, coef: 0.01},"
+               " {name: shrink_perturb, shrink: 0.9, sigma: 0.001, at: [task_end]}]")
+
+
+@pytest.fixture(scope="module")
+def single_mitigated(tmp_path_factory, config_file, overrides, single):
+    run = tmp_path_factory.mktemp("dist") / "single-mit"
+    assert Trainer(load_config(config_file, overrides(run, 8, callbacks=MITIGATIONS))).run() == "done"
+    return run
+
+
+def resets(run_dir) -> list:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["redo/reset"]) for r in rows if "redo/reset" in r]
+
+
+@needs_launcher
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_mitigations_under_zero_match_single_process(stage, tmp_path, config_file, overrides, single_mitigated):
+    """ReDo (weights + Adam moments of chosen units), L2-Init and Shrink & Perturb edit parameters and
+    optimizer state through DeepSpeed's full-state accessors under ZeRO-1/2: same resets, same losses."""
+    run = tmp_path / f"zero{stage}"
+    out = launch(ZERO[stage], config_file, overrides, run, f"callbacks={MITIGATIONS}", timeout=600)
+    assert "backend: DEEPSPEED processes=2" in out and "outcome: done" in out
+    want = resets(single_mitigated)
+    assert want and sum(n for _, n in want) > 0  # units were really reset
+    assert resets(run) == want
+    assert_same_losses(losses(run), losses(single_mitigated), rtol=1e-4)
