@@ -22,7 +22,8 @@ from mitigations.state_access import StateAccess
 
 
 def measurement_rows(trainer, batches: int) -> torch.Tensor:
-    mb = trainer.cfg.trainer.micro_batch_size
+    # the global micro-batch: the same rows whatever the number of processes
+    mb = trainer.cfg.trainer.micro_batch_size * trainer.accelerator.num_processes
     p = trainer.phase_cfg
     if p.kind == "pretrain" and p.mode == "continual" and trainer.tasks:
         langs = [trainer.task_name or p.languages[0]]

@@ -60,6 +60,9 @@ def reset_by_attribution(model, access: StateAccess, scores: Dict[int, torch.Ten
 
 @register("rejuvenation")
 class Rejuvenation(Mitigation):
+    # the attribution runs on a gathered copy that only the main process holds under ZeRO-3
+    max_zero_stage = 2
+
     def __init__(self, base_phase: str = "", alpha: float = 0.5, reset_fraction: float = 0.05, batches: int = 4,
                  at=("phase_start",)):
         if not 0 <= alpha <= 1 or not 0 <= reset_fraction <= 1 or batches < 1:

@@ -22,6 +22,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from trainer.optim import innermost
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -42,10 +44,17 @@ def zero_stage(trainer) -> Optional[int]:
     return _deepspeed_stage(getattr(trainer, "accelerator", None))
 
 
-def innermost(optimizer):
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
+def _relink_zero_states(optimizer) -> None:
+    """ZeRO-1/2 link each parameter to views of its optimizer state once, after the first step's
+    first param group, so groups whose state did not exist yet get empty links ("exp_avg not
+    found in optimizer state fragment"). Re-linking now, while every state exists, fixes that."""
+    layer = optimizer
+    while layer is not None:
+        if hasattr(layer, "_lazy_init_hp_params_optimizer_state"):
+            layer._hp_optimizer_states_linked = False
+            layer._lazy_init_hp_params_optimizer_state()
+            return
+        layer = getattr(layer, "optimizer", None)
 
 
 class StateAccess:
@@ -59,6 +68,8 @@ class StateAccess:
         self.optimizer = optimizer
         self.accelerator = accelerator
         self.stage = _deepspeed_stage(accelerator)
+        if self.stage in (1, 2) and optimizer is not None and innermost(optimizer).state:
+            _relink_zero_states(optimizer)
 
     @classmethod
     def of(cls, trainer) -> "StateAccess":

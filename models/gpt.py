@@ -337,12 +337,13 @@ class GPT(nn.Module):
         P = 0 if past is None else past[0][0].size(2)
         if P + T > self.cfg.block_size:
             raise ValueError(f"sequence length {P + T} exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(P, P + T, device=idx.device)
         x = self.wte(idx)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe.weight[P:P + T]  # a slice, not an embedding lookup: cheaper backward
+            # through the module, not wpe.weight[P:P+T]: ZeRO-3 gathers parameters in module hooks
+            x = x + self.wpe(pos)
         else:
-            pos = torch.arange(P, P + T, device=idx.device)
             rope = rope_cos_sin(self.cfg.head_dim, self.cfg.rope_theta, pos, x.dtype)
         x = self.drop(x)
         kvs, attns = [], [] if return_attn else None

@@ -235,14 +235,27 @@ def resets(run_dir) -> list:
     return [(r["step"], r["redo/reset"]) for r in rows if "redo/reset" in r]
 
 
+MITIGATIONS_Z3 = ("[{name: redo, tau: 0.3, every: 4, at: [task_end]},"
+                  " {name: shrink_perturb, shrink: 0.9, sigma: 0.001, at: [task_end]}]")  # l2_init: refused
+
+
+@pytest.fixture(scope="module")
+def single_mitigated_z3(tmp_path_factory, config_file, overrides, single):
+    run = tmp_path_factory.mktemp("dist") / "single-mit-z3"
+    assert Trainer(load_config(config_file, overrides(run, 8, callbacks=MITIGATIONS_Z3))).run() == "done"
+    return run
+
+
 @needs_launcher
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [1, 2])
-def test_mitigations_under_zero_match_single_process(stage, tmp_path, config_file, overrides, single_mitigated):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_mitigations_under_zero_match_single_process(stage, request, tmp_path, config_file, overrides):
     """ReDo (weights + Adam moments of chosen units), L2-Init and Shrink & Perturb edit parameters and
-    optimizer state through DeepSpeed's full-state accessors under ZeRO-1/2: same resets, same losses."""
+    optimizer state through DeepSpeed's full-state accessors under ZeRO-1/2/3: same resets, same losses."""
+    callbacks = MITIGATIONS if stage < 3 else MITIGATIONS_Z3
+    single_mitigated = request.getfixturevalue("single_mitigated" if stage < 3 else "single_mitigated_z3")
     run = tmp_path / f"zero{stage}"
-    out = launch(ZERO[stage], config_file, overrides, run, f"callbacks={MITIGATIONS}", timeout=600)
+    out = launch(ZERO[stage], config_file, overrides, run, f"callbacks={callbacks}", timeout=600)
     assert "backend: DEEPSPEED processes=2" in out and "outcome: done" in out
     want = resets(single_mitigated)
     assert want and sum(n for _, n in want) > 0  # units were really reset

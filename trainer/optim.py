@@ -53,8 +53,18 @@ def apply_hyperparams(optimizer, o: OptimConfig) -> None:
 
 
 def reset_state(optimizer) -> None:
-    """Forget all moments and step counts: identical to a freshly built AdamW."""
-    innermost(optimizer).state.clear()
+    """Forget all moments and step counts: identical to a freshly built AdamW.
+
+    The state tensors are zeroed in place rather than dropped: AdamW with step 0 and zero
+    moments computes exactly what a fresh one does, and DeepSpeed ZeRO-1/2 keep views of
+    these tensors (for safe_get/set_full_optimizer_state) that must stay valid.
+    """
+    for state in innermost(optimizer).state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0
 
 
 def set_lr(optimizer, lr: float) -> None:

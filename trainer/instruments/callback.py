@@ -45,7 +45,8 @@ def _boundary_of(line: str) -> float:
 def measurement_rows(trainer, batches_per_language: int) -> torch.Tensor:
     """A fixed set of validation rows from every pretraining language of the run."""
     langs = list(dict.fromkeys(l for p in trainer.cfg.phases.values() if p.kind == "pretrain" for l in p.languages))
-    mb = trainer.cfg.trainer.micro_batch_size
+    # the global micro-batch: the same rows whatever the number of processes
+    mb = trainer.cfg.trainer.micro_batch_size * trainer.accelerator.num_processes
     return torch.cat([trainer.data.rows(l)[1][: mb * batches_per_language] for l in langs or ["en"]])
 
 

@@ -77,9 +77,13 @@ def probe_model(model: GPT, train_rows: torch.Tensor, val_rows: torch.Tensor, cf
     return {"curve": curve, "auc": curve_auc(curve), "initial": curve[0][1], "final": curve[-1][1]}
 
 
-def gathered_copy(trainer) -> GPT:
-    """A standalone fp32 copy of the trainer's model (collective: gathers ZeRO-3 shards)."""
+def gathered_copy(trainer) -> Optional[GPT]:
+    """A standalone fp32 copy of the trainer's model (collective: gathers ZeRO-3 shards).
+
+    Under ZeRO-3 only the main process receives the gathered weights; the others get None."""
     state = trainer.accelerator.get_state_dict(trainer.model)
+    if state is None:
+        return None
     copy = GPT(trainer.model_cfg).to(trainer.accelerator.device)
     copy.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     return copy
