@@ -22,7 +22,6 @@ from trainer.errors import ConfigError
 from trainer.instruments.hooks import NeuronHooks
 from mitigations.base import Mitigation
 from mitigations.neurons import generator, mlps, reset_units
-from mitigations.state_access import StateAccess
 
 
 class CBPState:

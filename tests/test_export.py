@@ -1,7 +1,6 @@
 """`plasticity export RUN --format hf`: a run's phase model loads in transformers and agrees."""
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import tiny_overrides

@@ -6,7 +6,6 @@ Golden files: UPDATE_GOLDEN=1 pytest tests/test_launch.py rewrites tests/golden/
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal

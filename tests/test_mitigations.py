@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides

@@ -29,7 +29,7 @@ from models.gpt import GPT, ModelConfig
 from models.sizes import flops_per_token
 from trainer import checkpoint, rundir
 from trainer.callbacks import Callback, build_callbacks
-from trainer.config import PhaseConfig, RunConfig, to_dict
+from trainer.config import PhaseConfig, RunConfig
 from trainer.errors import CheckpointError, ConfigError, UserError
 from trainer.logger import RunLogger, peak_flops
 from trainer.model_setup import resolve_model_config

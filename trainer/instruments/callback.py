@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
