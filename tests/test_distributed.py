@@ -192,11 +192,16 @@ def boundary_scalars(run_dir) -> list:
     return [json.loads(line)["scalars"] for line in (Path(run_dir) / "boundaries.jsonl").read_text().splitlines()]
 
 
+def single_run_with(tmp_path_factory, config_file, overrides, name: str, callbacks: str) -> Path:
+    """The single-process reference (micro-batch 8) of a run with the given callbacks."""
+    run = tmp_path_factory.mktemp("dist") / name
+    assert Trainer(load_config(config_file, overrides(run, 8, callbacks=callbacks))).run() == "done"
+    return run
+
+
 @pytest.fixture(scope="module")
 def single_instrumented(tmp_path_factory, config_file, overrides, single):
-    run = tmp_path_factory.mktemp("dist") / "single-instr"
-    assert Trainer(load_config(config_file, overrides(run, 8, callbacks=INSTRUMENTS))).run() == "done"
-    return run
+    return single_run_with(tmp_path_factory, config_file, overrides, "single-instr", INSTRUMENTS)
 
 
 @needs_launcher
@@ -225,9 +230,7 @@ MITIGATIONS = ("[{name: redo, tau: 0.3, every: 4, at: [task_end]}, {name: l2_ini
 
 @pytest.fixture(scope="module")
 def single_mitigated(tmp_path_factory, config_file, overrides, single):
-    run = tmp_path_factory.mktemp("dist") / "single-mit"
-    assert Trainer(load_config(config_file, overrides(run, 8, callbacks=MITIGATIONS))).run() == "done"
-    return run
+    return single_run_with(tmp_path_factory, config_file, overrides, "single-mit", MITIGATIONS)
 
 
 def resets(run_dir) -> list:
@@ -241,9 +244,7 @@ MITIGATIONS_Z3 = ("[{name: redo, tau: 0.3, every: 4, at: [task_end]},"
 
 @pytest.fixture(scope="module")
 def single_mitigated_z3(tmp_path_factory, config_file, overrides, single):
-    run = tmp_path_factory.mktemp("dist") / "single-mit-z3"
-    assert Trainer(load_config(config_file, overrides(run, 8, callbacks=MITIGATIONS_Z3))).run() == "done"
-    return run
+    return single_run_with(tmp_path_factory, config_file, overrides, "single-mit-z3", MITIGATIONS_Z3)
 
 
 @needs_launcher
