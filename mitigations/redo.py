@@ -16,22 +16,21 @@ import torch
 
 from trainer.callbacks import register
 from trainer.errors import ConfigError
+from trainer.instruments.callback import pretraining_languages, validation_rows
 from mitigations.base import Mitigation, check_boundaries
 from mitigations.neurons import dormancy_scores, generator, mlps, reset_units
 from mitigations.state_access import StateAccess
 
 
 def measurement_rows(trainer, batches: int) -> torch.Tensor:
-    # the global micro-batch: the same rows whatever the number of processes
-    mb = trainer.cfg.trainer.micro_batch_size * trainer.accelerator.num_processes
+    """`batches` global micro-batches of validation rows: the current task's language in a
+    continual pretraining phase, spread over every pretraining language otherwise."""
     p = trainer.phase_cfg
     if p.kind == "pretrain" and p.mode == "continual" and trainer.tasks:
         langs = [trainer.task_name or p.languages[0]]
     else:
-        langs = list(dict.fromkeys(l for q in trainer.cfg.phases.values() if q.kind == "pretrain"
-                                   for l in q.languages)) or ["en"]
-    per = max(1, -(-batches // len(langs)))
-    return torch.cat([trainer.data.rows(l)[1][: mb * per] for l in langs])
+        langs = pretraining_languages(trainer.cfg)
+    return validation_rows(trainer, langs, max(1, -(-batches // len(langs))))
 
 
 def redo_reset(model, access: StateAccess, scores: Dict[int, torch.Tensor], tau: float, seed: int,

@@ -41,12 +41,21 @@ def _boundary_of(line: str) -> float:
         return float("inf")  # a line torn by a kill is dropped
 
 
+def pretraining_languages(cfg) -> List[str]:
+    """Every language any pretraining phase of the run trains on, in order (["en"] if none)."""
+    return list(dict.fromkeys(l for p in cfg.phases.values() if p.kind == "pretrain" for l in p.languages)) or ["en"]
+
+
+def validation_rows(trainer, langs: List[str], batches_per_language: int) -> torch.Tensor:
+    """The first validation rows of each language, `batches_per_language` global micro-batches each
+    (global: the same rows whatever the number of processes)."""
+    mb = trainer.cfg.trainer.micro_batch_size * trainer.accelerator.num_processes
+    return torch.cat([trainer.data.rows(l)[1][: mb * batches_per_language] for l in langs])
+
+
 def measurement_rows(trainer, batches_per_language: int) -> torch.Tensor:
     """A fixed set of validation rows from every pretraining language of the run."""
-    langs = list(dict.fromkeys(l for p in trainer.cfg.phases.values() if p.kind == "pretrain" for l in p.languages))
-    # the global micro-batch: the same rows whatever the number of processes
-    mb = trainer.cfg.trainer.micro_batch_size * trainer.accelerator.num_processes
-    return torch.cat([trainer.data.rows(l)[1][: mb * batches_per_language] for l in langs or ["en"]])
+    return validation_rows(trainer, pretraining_languages(trainer.cfg), batches_per_language)
 
 
 @register("instruments")
