@@ -86,15 +86,21 @@ def main(argv=None) -> int:
                 f"`{next((r.get('hf_attn_impl') for r in res['results'] if r.get('hf_attn_impl')), '?')}`), "
                 "`minimal` = bench/minimal_gpt.py; all three start from identical weights (identical first loss "
                 "checked). Median tok/s over interleaved rounds.\n\n" + T.markdown(res))
-        log("patched check (proposed models/gpt.py changes)")
-        res["patched"] = T.patched_check(sizes=("0.1M",) if a.quick else ("0.1M", "1M"), rounds=5 if a.quick else 7,
-                                         log=log)
-        text += ("\n\n### The proposed models/gpt.py changes, measured\n\n`bench/gpt_patched.PatchedGPT` applies the "
-                 "changes proposed below (analysis section) to a subclass of models.gpt.GPT; interleaved rounds, "
-                 "median tok/s, eager, batch 8 x 128:\n\n" + T.patched_markdown(res["patched"]))
-        for key, tabs in res["profiles"].items():
-            text += f"\n\n### torch.profiler, {key}, eager, 5 steps (self CPU time)\n"
-            for impl, tab in tabs.items():
+        log("loss path check (fused vs unfused cross-entropy)")
+        res["loss_path"] = T.loss_path_check(sizes=("0.1M",) if a.quick else ("0.1M", "1M", "10M"),
+                                             rounds=5 if a.quick else 7, log=log)
+        text += ("\n\n### Fused vs unfused loss\n\n`ours` computes the loss with the fused, chunked linear + "
+                 "cross-entropy of models/lm_head.py; `unfused` is the same model and weights through its full logits "
+                 "and `F.cross_entropy` (the loss path of HF and the minimal GPT). Interleaved rounds, median tok/s "
+                 "on CPU time, eager, batch 8 x 128, vocab 2048:\n\n" + T.loss_path_markdown(res["loss_path"]))
+        for key, prof in res["profiles"].items():
+            sh = prof["gemm_attention_share"]
+            text += (f"\n\n### torch.profiler, {key}, eager, 5 steps (self CPU time)\n\nShare of self CPU time in "
+                     "the GEMM and attention kernels (aten::mm/addmm/bmm, SDPA) that every implementation runs: "
+                     + ", ".join(f"{n} {100 * v:.0f} %" for n, v in sh.items())
+                     + f". Even if every other op of ours cost nothing, ours/HF could not exceed about "
+                     f"{1 / sh['hf']:.2f} here.\n")
+            for impl, tab in prof["tables"].items():
                 text += f"\n{impl}:\n\n```\n{tab}\n```\n"
         return text, res
 

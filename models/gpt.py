@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.lm_head import LMHead
 from trainer.errors import ConfigError
 
 FLAVOURS = ("gpt2", "llama")
@@ -268,7 +269,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps) if cfg.flavour == "gpt2" else RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size)  # forward(x, targets) = fused, chunked loss
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.reset_parameters()
@@ -356,14 +357,14 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, return_attn: bool = False):
         """idx, targets: (B, T) LongTensors; targets == -100 are ignored. Returns (logits, loss) or, with
-        return_attn=True, (logits, loss, attn_list) with attn_list[i] of shape (B, n_head, T, T)."""
+        return_attn=True, (logits, loss, attn_list) with attn_list[i] of shape (B, n_head, T, T).
+        With targets the loss is the mean over kept tokens, computed by the fused linear + cross-entropy
+        (models/lm_head.py) without materialising the logits, so logits is None then."""
         x, _, attns = self._trunk(idx, return_attn=return_attn)
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            flat = targets.reshape(-1)
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat, ignore_index=-100, reduction="sum")
-            loss = nll / (flat != -100).sum().clamp(min=1)  # mean over kept tokens; 0 (not NaN) if none
+        if targets is None:
+            logits, loss = self.lm_head(x), None
+        else:
+            logits, loss = None, self.lm_head(x, targets)
         return (logits, loss, attns) if return_attn else (logits, loss)
 
     # -- sampling

@@ -25,7 +25,7 @@ def test_shapes_and_layout(flavour):
     logits, loss = m(idx)
     assert logits.shape == (3, 11, 97) and loss is None
     logits, loss = m(idx, idx)
-    assert loss.ndim == 0 and loss.dtype == torch.float32
+    assert logits is None and loss.ndim == 0 and loss.dtype == torch.float32  # fused loss: no logits
     assert (m.wpe is not None) == (flavour == "gpt2")
     names = dict(m.named_modules())
     for i in range(2):
@@ -45,7 +45,8 @@ def test_loss_ignores_minus_100(flavour):
     tgt = torch.randint(0, 97, (2, 10))
     tgt[0, :4] = -100
     tgt[1, 7:] = -100
-    logits, loss = m(idx, tgt)
+    _, loss = m(idx, tgt)
+    logits, _ = m(idx)
     keep = tgt != -100
     ref = F.cross_entropy(logits[keep].float(), tgt[keep])
     assert torch.allclose(loss, ref, atol=1e-6)

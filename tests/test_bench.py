@@ -1,0 +1,35 @@
+"""The CPU benchmark code runs and measures what it says (tiny settings; the numbers live in bench/RESULTS.md)."""
+import math
+
+import torch
+
+from bench import throughput as T
+
+
+def test_throughput_measure_compares_identical_models():
+    res = T.measure("llama", "0.1M", batch=2, steps=1, rounds=1, warmup=0, log=lambda m: None)
+    losses = res["first_loss"]
+    # ours, HF and minimal start from the same weights: the same first loss (ours uses the fused loss path)
+    assert max(losses.values()) - min(losses.values()) < 1e-4, losses
+    assert all(v > 0 for v in res["tok_s"].values())
+    assert math.isclose(res["ours_over_hf"], res["tok_s"]["ours"] / res["tok_s"]["hf"])
+
+
+def test_loss_path_check_and_profile_share():
+    rows = T.loss_path_check(sizes=("0.1M",), batch=2, steps=1, rounds=1, log=lambda m: None)
+    assert [r["flavour"] for r in rows] == ["gpt2", "llama"]
+    assert all(r["first_loss_abs_diff"] < 1e-4 and r["fused"] > 0 and r["unfused"] > 0 for r in rows)
+    prof = T.profile("gpt2", "0.1M", batch=2, steps=1)
+    assert set(prof["tables"]) == {"ours", "hf", "minimal"}
+    assert all(0.05 < s < 1.0 for s in prof["gemm_attention_share"].values()), prof["gemm_attention_share"]
+    assert "aten::mm" in prof["tables"]["ours"]
+
+
+def test_unfused_loss_fn_matches_model_loss():
+    cfg, models = T.build("gpt2", 1e5)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    with torch.no_grad():
+        a = T.loss_fn("ours", models["ours"])(x, x)
+        b = T.loss_fn("unfused", models["ours"])(x, x)
+        c = T.loss_fn("hf", models["hf"])(x, x)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, c, atol=1e-5)
