@@ -171,6 +171,20 @@ def one_run(variant: str, steps_per_task: int) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def agreement(fused, ref) -> str:
+    """How closely fused_stats matches reference_stats: relative error of the float sums, and how many elements
+    the count rows classify differently (saturation is counted against precomputed interval edges by the fused
+    path and by evaluating phi' in float32 by the reference, so an element within rounding of an edge may differ)."""
+    from trainer.instruments.neuron_stats import IDX, STAT_NAMES
+
+    floats = [IDX[n] for n in ("sum_abs", "sum", "max_abs")]
+    rel = float(((fused[floats] - ref[floats]).abs() / ref[floats].abs().clamp(min=1.0)).max())
+    counts = [i for i, n in enumerate(STAT_NAMES) if i not in floats]
+    diff = int((fused[counts] - ref[counts]).abs().sum())
+    total = int(ref[IDX["count"]].sum())
+    return f"float sums rel. err. {rel:.0e}; counts differ for {diff} of {total:,} elements"
+
+
 def neuron_stats_speed(repeats: int = 5) -> list:
     """fused_stats (torch path) vs reference_stats, CPU, interleaved, median seconds per call."""
     from trainer.instruments.neuron_stats import fused_stats, reference_stats
@@ -183,13 +197,13 @@ def neuron_stats_speed(repeats: int = 5) -> list:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g)
         h = torch.nn.functional.gelu(x, approximate="tanh") if kind == "gelu_tanh" else torch.nn.functional.silu(x)
-        same = torch.allclose(fused_stats(h, x, kind), reference_stats(h, x, kind), rtol=1e-4, atol=1e-2)
+        same = agreement(fused_stats(h, x, kind), reference_stats(h, x, kind))
         tf, tr = [], []
         for _ in range(repeats):
             t0 = now(); fused_stats(h, x, kind); tf.append(now() - t0)
             t0 = now(); reference_stats(h, x, kind); tr.append(now() - t0)
         out.append({"shape": label, "act": kind, "fused_ms": 1e3 * median(tf), "reference_ms": 1e3 * median(tr),
-                    "speedup": median(tr) / median(tf), "equal": bool(same), "load_avg": load()})
+                    "speedup": median(tr) / median(tf), "agreement": same, "load_avg": load()})
     return out
 
 
@@ -269,9 +283,9 @@ def markdown(res: dict) -> str:
           ", ".join(fmt(s, 1) for s in r["boundary_s"]) or "-", r["load_avg"]]
          for r in res["runs"]])
     txt += "\n\nNeuron statistics, CPU, `fused_stats` (torch path) vs `reference_stats`, median of interleaved calls:\n\n"
-    txt += table(["activations", "act", "fused ms", "reference ms", "reference/fused", "equal (allclose)", "load avg"],
+    txt += table(["activations", "act", "fused ms", "reference ms", "reference/fused", "fused vs reference", "load avg"],
                  [[n["shape"], n["act"], fmt(n["fused_ms"], 1), fmt(n["reference_ms"], 1), f"{n['speedup']:.2f}x",
-                   n["equal"], n["load_avg"]] for n in res["neuron_stats"]])
+                   n["agreement"], n["load_avg"]] for n in res["neuron_stats"]])
     return txt
 
 

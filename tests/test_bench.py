@@ -33,3 +33,15 @@ def test_unfused_loss_fn_matches_model_loss():
         b = T.loss_fn("unfused", models["ours"])(x, x)
         c = T.loss_fn("hf", models["hf"])(x, x)
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, c, atol=1e-5)
+
+
+def test_neuron_stats_agreement_report():
+    from bench.instrument_overhead import agreement
+    from trainer.instruments.neuron_stats import IDX, fused_stats, reference_stats
+
+    x = torch.randn(4, 64, 48, generator=torch.Generator().manual_seed(0))
+    h = torch.nn.functional.silu(x)
+    fused, ref = fused_stats(h, x, "silu"), reference_stats(h, x, "silu")
+    assert agreement(fused, ref).endswith("counts differ for 0 of 12,288 elements")
+    fused[IDX["saturated"], :3] += 1  # three neurons count one more saturated element
+    assert agreement(fused, ref).endswith("counts differ for 3 of 12,288 elements")
