@@ -43,13 +43,15 @@ def train_throughput(batch: int, steps: int, compile_: bool) -> dict:
     from models.gpt import GPT
     from models.sizes import PRESETS, flops_per_token
     from trainer.logger import peak_flops
+    from trainer.optim import param_groups
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     cfg = PRESETS["gpt2-124m"]
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
-    opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), fused=True)
+    groups = param_groups(model, 0.1, ["norm", "bias", "embedding"])
+    opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)
     fwd = torch.compile(model) if compile_ else model
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)

@@ -318,18 +318,6 @@ class GPT(nn.Module):
             emb.add(id(self.wpe.weight))
         return sum(p.numel() for p in self.parameters() if not (non_embedding and id(p) in emb))
 
-    def param_groups(self, weight_decay: float, no_decay=("norm", "bias", "embedding")) -> list[dict]:
-        """AdamW parameter groups. Each parameter has a kind: "norm", "bias", "embedding" (wte, wpe, and
-        lm_head) or "matrix"; kinds listed in no_decay get weight_decay=0."""
-        emb = {id(self.wte.weight), id(self.lm_head.weight)} | ({id(self.wpe.weight)} if self.wpe is not None else set())
-        norms = {id(p) for m in self.modules() if isinstance(m, (nn.LayerNorm, RMSNorm)) for p in m.parameters()}
-        decay, other = [], []
-        for name, p in self.named_parameters():  # de-duplicates tied tensors
-            kind = "embedding" if id(p) in emb else "norm" if id(p) in norms else "bias" if p.ndim < 2 else "matrix"
-            (other if kind in no_decay else decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
-
     # -- forward
     def _trunk(self, idx, past=None, return_attn=False):
         """Run embeddings + blocks + final norm. past: list of per-layer (k, v) or None.

@@ -276,23 +276,6 @@ def test_init_scaled_vs_plain():
     assert scaled.blocks[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_param_groups(flavour):
-    m = GPT(tiny(flavour, tie_embeddings=False))
-    groups = m.param_groups(0.1)
-    decay, nodecay = groups
-    assert decay["weight_decay"] == 0.1 and nodecay["weight_decay"] == 0.0
-    assert all(p.ndim == 2 for p in decay["params"])
-    ids = {id(p) for p in decay["params"]}
-    assert id(m.wte.weight) not in ids and id(m.lm_head.weight) not in ids
-    total = sum(len(g["params"]) for g in groups)
-    assert total == len(list(m.parameters()))
-    # users can decay embeddings too
-    ids2 = {id(p) for p in m.param_groups(0.1, no_decay=("norm", "bias"))[0]["params"]}
-    assert id(m.wte.weight) in ids2
-    torch.optim.AdamW(groups, lr=1e-3)
-
-
 def test_backward_dropout_runs():
     torch.manual_seed(0)
     for flavour in FLAVOURS:

@@ -94,6 +94,10 @@ def test_param_groups_skip_norms_biases_embeddings():
     assert len(decay["params"]) + len(keep["params"]) == len(list(m.parameters()))
     decay_all, _ = param_groups(m, 0.1, [])
     assert len(decay_all["params"]) == len(list(m.parameters()))
+    untied = GPT(ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=16, tie_embeddings=False))
+    decay, keep = param_groups(untied, 0.1, ["norm", "bias", "embedding"])
+    assert any(p is untied.lm_head.weight for p in decay["params"])  # an untied head decays, as in nanoGPT
+    assert any(p is untied.wte.weight for p in keep["params"])
 
 
 # --- training, checkpoints, resume ----------------------------------------------------------
