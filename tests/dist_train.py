@@ -46,7 +46,9 @@ def main(argv=None) -> int:
         acc = trainer.accelerator
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         print(f"backend: {acc.distributed_type.value} processes={acc.num_processes} "
-              f"optimizer={type(inner).__name__} clip_grad={getattr(inner, 'clip_grad', None)}", flush=True)
+              f"optimizer={type(inner).__name__} clip_grad={getattr(inner, 'clip_grad', None)} "
+              f"offload={bool(getattr(inner, 'cpu_offload', False) or getattr(inner, 'offload_optimizer', False))}",
+              flush=True)
         print(f"outcome: {outcome}", flush=True)
     trainer.accelerator.end_training()
     return 0

@@ -299,3 +299,14 @@ def test_cbp_and_wd_schedule_under_zero_match_single_process(stage, tmp_path_fac
         rel = lambda a, b: max(abs(x - y) / abs(y) for (_, x), (_, y) in zip(losses(a), losses(b)))  # noqa: E731
         assert rel(cbp_only, single_cbp_wd) > 20 * rel(run, single_cbp_wd), (rel(cbp_only, single_cbp_wd),
                                                                              rel(run, single_cbp_wd))
+
+
+@needs_launcher
+@needs_deepspeed
+@pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
+def test_offload_configs_match_single_process(config, tmp_path, config_file, overrides, single):
+    """The shipped optimizer-offload configs (optimizer state and step on the host) give the same losses."""
+    run = tmp_path / config
+    out = launch(["--config_file", f"launch/accelerate/{config}.yaml"], config_file, overrides, run, timeout=600)
+    assert "backend: DEEPSPEED processes=2" in out and "offload=True" in out and "outcome: done" in out
+    assert_same_losses(losses(run), losses(single))
