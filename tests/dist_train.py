@@ -47,7 +47,8 @@ def main(argv=None) -> int:
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         print(f"backend: {acc.distributed_type.value} processes={acc.num_processes} "
               f"optimizer={type(inner).__name__} clip_grad={getattr(inner, 'clip_grad', None)} "
-              f"offload={bool(getattr(inner, 'cpu_offload', False) or getattr(inner, 'offload_optimizer', False))}",
+              f"offload={bool(getattr(inner, 'cpu_offload', False) or getattr(inner, 'offload_optimizer', False))} "
+              f"param_dtype={next(trainer.model.parameters()).dtype}",
               flush=True)
         print(f"outcome: {outcome}", flush=True)
     trainer.accelerator.end_training()
