@@ -12,7 +12,8 @@
 
     python -m bench.gpu [--batch 16] [--steps 20] [--no-compile] [--json OUT]
 
-Without CUDA it prints a one-line message and exits with status 2.
+Without CUDA it prints a one-line message and exits with status 2. The measuring functions take a device and
+a model config, so that tests/test_bench.py runs them on CPU with a tiny model (logic only, no GPU numbers).
 """
 from __future__ import annotations
 
@@ -23,20 +24,31 @@ import sys
 import time
 
 
-def _time_cuda(fn, repeats: int) -> float:
+def _sync(device) -> None:
     import torch
 
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, repeats: int, device="cuda") -> float:
     ts = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
 
-def train_throughput(batch: int, steps: int, compile_: bool) -> dict:
+def _device_name(dev) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (smoke test)"
+
+
+def train_throughput(batch: int, steps: int, compile_: bool, device: str = "cuda", cfg=None) -> dict:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -45,9 +57,9 @@ def train_throughput(batch: int, steps: int, compile_: bool) -> dict:
     from trainer.logger import peak_flops
     from trainer.optim import param_groups
 
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    cfg = PRESETS["gpt2-124m"]
+    dev = torch.device(device)
+    name = _device_name(dev)
+    cfg = cfg or PRESETS["gpt2-124m"]
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
     groups = param_groups(model, 0.1, ["norm", "bias", "embedding"])
@@ -56,20 +68,20 @@ def train_throughput(batch: int, steps: int, compile_: bool) -> dict:
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
 
+    losses = []
+
     def step():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast(dev.type, dtype=torch.bfloat16):
             _, loss = fwd(x, y)
         loss.backward()
+        losses.append(loss.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t0 = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
+    first = _time(step, 1, dev)
     for _ in range(3):
         step()
-    dt = _time_cuda(step, steps)
+    dt = _time(step, steps, dev)
     tok_s = batch * cfg.block_size / dt
     peak = peak_flops(name)
     fpt = flops_per_token(cfg)
@@ -77,10 +89,14 @@ def train_throughput(batch: int, steps: int, compile_: bool) -> dict:
     return {"device": name, "batch": batch, "block": cfg.block_size, "compiled": compile_,
             "first_step_s": first, "step_ms": 1e3 * dt, "tok_s": tok_s, "peak_flops": peak,
             "mfu": fpt * tok_s / peak if peak else None, "mfu_with_lm_head": fpt_head * tok_s / peak if peak else None,
-            "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+            "first_loss": float(losses[0]), "last_loss": float(losses[-1])}
 
 
-def neuron_stats_kernel(repeats: int = 20) -> list:
+SHAPES = (((8, 1024, 3072), "gelu_tanh"), ((8, 1024, 2048), "silu"))
+
+
+def neuron_stats_kernel(repeats: int = 20, device: str = "cuda", shapes=SHAPES) -> list:
     import torch
     import torch.nn.functional as F
 
@@ -88,10 +104,10 @@ def neuron_stats_kernel(repeats: int = 20) -> list:
     from trainer.instruments.neuron_stats import fused_stats, reference_stats
 
     out = []
-    for shape, kind in (((8, 1024, 3072), "gelu_tanh"), ((8, 1024, 2048), "silu")):
-        g = torch.Generator(device="cuda").manual_seed(0)
+    for shape, kind in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(shape, device="cuda", generator=g).to(dtype)
+            x = torch.randn(shape, device=device, generator=g).to(dtype)
             h = F.gelu(x, approximate="tanh") if kind == "gelu_tanh" else F.silu(x)
             if not triton_stats.available(h):
                 out.append({"shape": list(shape), "act": kind, "dtype": str(dtype), "error": "Triton not available"})
@@ -101,9 +117,10 @@ def neuron_stats_kernel(repeats: int = 20) -> list:
             torch_fused = fused_stats(h, x, kind, use_triton=False)
             eq = bool(torch.allclose(tri, ref, rtol=1e-4, atol=1e-2))
             out.append({"shape": list(shape), "act": kind, "dtype": str(dtype),
-                        "triton_ms": 1e3 * _time_cuda(lambda: fused_stats(h, x, kind, use_triton=True), repeats),
-                        "torch_fused_ms": 1e3 * _time_cuda(lambda: fused_stats(h, x, kind, use_triton=False), repeats),
-                        "reference_ms": 1e3 * _time_cuda(lambda: reference_stats(h, x, kind), repeats),
+                        "triton_ms": 1e3 * _time(lambda: fused_stats(h, x, kind, use_triton=True), repeats, device),
+                        "torch_fused_ms": 1e3 * _time(lambda: fused_stats(h, x, kind, use_triton=False), repeats,
+                                                      device),
+                        "reference_ms": 1e3 * _time(lambda: reference_stats(h, x, kind), repeats, device),
                         "equal_to_reference": eq, "max_abs_diff": float((tri - ref).abs().max()),
                         "torch_fused_equal": bool(torch.allclose(torch_fused, ref, rtol=1e-4, atol=1e-2))})
     return out
