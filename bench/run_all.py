@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import load, machine  # noqa: E402
+from bench.common import fmt, load, machine  # noqa: E402
 
 SECTIONS = ("throughput", "overhead", "distributed", "gpu")
 
@@ -93,6 +93,11 @@ def main(argv=None) -> int:
                  "cross-entropy of models/lm_head.py; `unfused` is the same model and weights through its full logits "
                  "and `F.cross_entropy` (the loss path of HF and the minimal GPT). Interleaved rounds, median tok/s "
                  "on CPU time, eager, batch 8 x 128, vocab 2048:\n\n" + T.loss_path_markdown(res["loss_path"]))
+        mem = res["loss_memory"] = T.loss_memory()
+        text += (f"\n\nPeak extra host memory of one loss forward + backward at vocab {mem['vocab']:,}, "
+                 f"{mem['tokens']:,} tokens, d {mem['d']} (peak RSS growth, fresh process each; one float32 logits "
+                 f"tensor is {mem['logits_mib']:,.0f} MiB): fused {fmt(mem['fused_mib'])} MiB, unfused "
+                 f"{fmt(mem['unfused_mib'])} MiB.\n")
         for key, prof in res["profiles"].items():
             sh = prof["gemm_attention_share"]
             text += (f"\n\n### torch.profiler, {key}, eager, 5 steps (self CPU time)\n\nShare of self CPU time in "

@@ -275,7 +275,11 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--json")
     p.add_argument("--child", nargs=6)
+    p.add_argument("--loss-memory", nargs=4, metavar=("MODE", "VOCAB", "TOKENS", "D"))
     a = p.parse_args(argv)
+    if a.loss_memory:
+        _loss_memory_child(a.loss_memory[0], *map(int, a.loss_memory[1:]))
+        return 0
     if a.child:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
         f, s, b, st, r, w = a.child
@@ -287,9 +291,6 @@ def main(argv=None):
         json.dump(res, open(a.json, "w"), indent=1)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def loss_path_check(sizes=("0.1M", "1M", "10M"), batch=8, steps=4, rounds=7, log=print) -> list:
@@ -321,8 +322,47 @@ def loss_path_check(sizes=("0.1M", "1M", "10M"), batch=8, steps=4, rounds=7, log
     return out
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def _loss_memory_child(mode: str, vocab: int, tokens: int, d: int) -> None:
+    from models.lm_head import linear_cross_entropy_sum, reference_cross_entropy_sum
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d, requires_grad=True)
+    w = (torch.randn(vocab, d) * 0.02).requires_grad_()
+    t = torch.randint(0, vocab, (tokens,))
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS (Linux)
+        f.write("5")
+    base = _status_kib("VmRSS:")
+    f = linear_cross_entropy_sum if mode == "fused" else reference_cross_entropy_sum
+    f(x, w, t).backward()
+    print("PEAK_MIB", (_status_kib("VmHWM:") - base) / 1024, flush=True)
+
+
+def loss_memory(vocab: int = 32000, tokens: int = 4096, d: int = 256) -> dict:
+    """Peak extra host memory (peak RSS over the RSS before the call, Linux /proc) of one loss forward + backward,
+    fused vs unfused, each in a fresh process: the unfused path holds float32 logits, log-probabilities and their
+    gradient (3 x tokens x vocab)."""
+    out = {"vocab": vocab, "tokens": tokens, "d": d}
+    for mode in ("fused", "unfused"):
+        p = subprocess.run([sys.executable, "-m", "bench.throughput", "--loss-memory", mode, str(vocab), str(tokens),
+                            str(d)], capture_output=True, text=True, timeout=300,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("PEAK_MIB")), None)
+        out[mode + "_mib"] = float(line.split()[1]) if line else None
+    out["logits_mib"] = tokens * vocab * 4 / 2**20
+    return out
+
+
 def loss_path_markdown(rows) -> str:
     return table(["flavour", "size", "unfused loss tok/s", "fused loss tok/s", "fused/unfused", "|loss diff|",
                   "load avg after"],
                  [[r["flavour"], r["size"], fmt(r["unfused"]), fmt(r["fused"]), f"{r['fused_over_unfused']:.3f}",
                    f"{r['first_loss_abs_diff']:.1e}", r["load_avg"]] for r in rows])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

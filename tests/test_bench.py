@@ -60,3 +60,9 @@ def test_gpu_bench_logic_runs_on_cpu():
     assert len(rows) == 2  # float32, bfloat16
     for r in rows:
         assert r.get("error") == "Triton not available" or (r["equal_to_reference"] and r["torch_fused_equal"]), r
+
+
+def test_loss_memory_fused_holds_no_logits():
+    mem = T.loss_memory(vocab=16000, tokens=4096, d=64)  # one float32 logits tensor = 250 MiB
+    assert mem["unfused_mib"] > 2 * mem["logits_mib"]  # logits, log-probs and their gradient
+    assert mem["fused_mib"] < 0.5 * mem["logits_mib"]
