@@ -87,3 +87,33 @@ def test_gpt_training_gradients_equal_unfused(flavour, tie):
     assert torch.allclose(loss, ref, atol=1e-6)
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_no_silent_second_derivative():
+    x, w, t = _data()
+    x.requires_grad_()
+    loss = linear_cross_entropy_sum(x, w.clone().requires_grad_(), t, rows=8)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError):  # once_differentiable: double backward fails loudly, never returns zeros
+        g.sum().backward()
+
+
+def test_bad_targets_are_refused():
+    x, w, t = _data()
+    for bad, msg in ((t.clone().index_fill_(0, torch.tensor([2]), -1), "outside"),
+                     (t.clone().index_fill_(0, torch.tensor([2]), 53), "outside"),
+                     (t[:-1], "does not match")):
+        with pytest.raises(ValueError, match=msg):
+            linear_cross_entropy_sum(x, w, bad)
+
+
+def test_bf16_weights_get_exactly_scaled_gradients():
+    x, w, t = _data(n=64, c=32, v=101)
+    grads = {}
+    for scale in (1.0, 1.0 / 3000):  # 1/3000 is not exactly representable in bf16
+        xb, wb = x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+        (linear_cross_entropy_sum(xb, wb, t, rows=16) * scale).backward()
+        grads[scale] = xb.grad
+    assert grads[1.0].dtype == torch.bfloat16
+    # the incoming factor is applied in float32 and rounded once, not rounded to bf16 first
+    assert torch.equal(grads[1.0 / 3000], (grads[1.0].float() * (1.0 / 3000)).bfloat16())

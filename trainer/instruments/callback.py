@@ -22,6 +22,7 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -158,12 +159,12 @@ class Instruments(Callback):
         feature_rows = rows[torch.linspace(0, len(rows) - 1, n_seq).round().long()]
         batches = [feature_rows[i:i + 8][:, :-1] for i in range(0, len(feature_rows), 8)]
         feats = capture_features(model, batches, max_rows=self.feature_rows)
-        for name, F in feats.items():
-            sv = M.singular_values(F)
+        for name, feat in feats.items():
+            sv = M.singular_values(feat)
             out[f"{name}/effective_rank"] = M.effective_rank(sv=sv)
             out[f"{name}/srank"] = float(M.srank(sv=sv))
             out[f"{name}/feature_stable_rank"] = M.stable_rank(sv=sv)
-            out[f"{name}/cloned_pairs"] = float(M.cloned_units(F, self.clone_threshold)["cloned_pairs"])
+            out[f"{name}/cloned_pairs"] = float(M.cloned_units(feat, self.clone_threshold)["cloned_pairs"])
         for i, block in enumerate(model.blocks):
             for pname, p in block.mlp.named_parameters():
                 if p.dim() == 2:
@@ -179,7 +180,9 @@ class Instruments(Callback):
         if self.sharpness_iters and sharpness:
             batch = rows[:8]
             params = [p for p in model.parameters() if p.requires_grad]
-            loss_fn = lambda: model(batch[:, :-1], batch[:, 1:])[1]  # noqa: E731
+            # through the logits: the fused loss (models/lm_head.py) has no second derivative
+            loss_fn = lambda: F.cross_entropy(model(batch[:, :-1])[0].flatten(0, 1).float(),  # noqa: E731
+                                              batch[:, 1:].flatten())
             # Hessian-vector products need double backward, which only the math SDPA kernel has.
             with sdpa_kernel(SDPBackend.MATH):
                 out["sharpness"] = M.hessian_sharpness(loss_fn, params, iters=self.sharpness_iters,
