@@ -80,14 +80,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return dx, dw, None, None
 
 
+def _check_targets(targets, vocab: int) -> None:
+    """F.cross_entropy refuses targets outside [0, vocab) (other than -100); so do we, since the chunked path
+    would otherwise clamp them and silently train on class 0. On CPU eagerly: a ValueError with the count; on an
+    accelerator or inside torch.compile: an asynchronous assert (no host sync, no graph break)."""
+    bad = (targets != IGNORE) & ((targets < 0) | (targets >= vocab))
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            raise ValueError(f"targets: {int(bad.sum())} value(s) outside [0, {vocab}) that are not {IGNORE}, "
+                             f"e.g. {int(targets[bad][0])}")
+    else:
+        torch._assert_async(~bad.any(), f"targets: values outside [0, {vocab}) that are not {IGNORE}")
+
+
 def linear_cross_entropy_sum(x, weight, targets, rows: int | None = None):
     """sum over kept tokens of CE(x @ weight^T, targets); x: (N, C), targets: (N,), -100 ignored."""
     if targets.shape != x.shape[:1]:
         raise ValueError(f"targets: shape {tuple(targets.shape)} does not match {x.size(0)} input rows")
-    bad = (targets != IGNORE) & ((targets < 0) | (targets >= weight.size(0)))
-    if bool(bad.any()):  # F.cross_entropy refuses these too; clamping would silently train on class 0
-        raise ValueError(f"targets: {int(bad.sum())} value(s) outside [0, {weight.size(0)}) that are not {IGNORE}, "
-                         f"e.g. {int(targets[bad][0])}")
+    _check_targets(targets, weight.size(0))
     rows = rows or chunk_rows(weight.size(0), x.device)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(x, weight, targets, rows)

@@ -117,3 +117,11 @@ def test_bf16_weights_get_exactly_scaled_gradients():
     assert grads[1.0].dtype == torch.bfloat16
     # the incoming factor is applied in float32 and rounded once, not rounded to bf16 first
     assert torch.equal(grads[1.0 / 3000], (grads[1.0].float() * (1.0 / 3000)).bfloat16())
+
+
+def test_bad_targets_refused_inside_torch_compile_without_graph_break():
+    x, w, t = _data()
+    f = torch.compile(lambda a, b, c: linear_cross_entropy_sum(a, b, c, rows=8), fullgraph=True)
+    assert torch.allclose(f(x, w, t), reference_cross_entropy_sum(x, w, t), atol=1e-4)
+    with pytest.raises(RuntimeError, match="outside"):
+        f(x, w, t.clone().index_fill_(0, torch.tensor([2]), -1))
