@@ -126,6 +126,18 @@ def rank_slice(global_batch: torch.Tensor, rank: int, world: int) -> torch.Tenso
     return global_batch[rank * per:(rank + 1) * per]
 
 
+def rank_share(batches: Sequence, rank: int, world: int) -> List[tuple]:
+    """This rank's share of a fixed list of batches: [(batch, counts)], strided over ranks and padded with
+    (batches[0], False) so that every rank runs the same number of forwards (ZeRO-3 gathers parameters
+    collectively in each one); padding batches must not be counted."""
+    per_rank = -(-len(batches) // world)
+    share = []
+    for i in range(per_rank):
+        j = rank + i * world
+        share.append((batches[j], True) if j < len(batches) else (batches[0], False))
+    return share
+
+
 def iterate_eval_batches(rows: torch.Tensor, batch_size: int, max_batches: int) -> List[torch.Tensor]:
     """Fixed, unshuffled validation batches (the same every evaluation)."""
     return [rows[i:i + batch_size] for i in range(0, min(len(rows), batch_size * max_batches), batch_size)]

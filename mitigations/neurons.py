@@ -4,7 +4,7 @@
   distribution: N(0, in_std²), biases 0), zero outgoing weights, and zero Adam moments for
   exactly those incoming rows (bias entries included) and outgoing columns.
 * :func:`dormancy_scores`: ReDo scores per MLP layer over some rows, measured with the
-  instruments' :class:`NeuronHooks` and all-reduced across ranks.
+  instruments' :func:`measure_neurons` (hooks, lockstep padding, all-reduced across ranks).
 * :func:`attribution_scores`: per-neuron Σ|h·∂L/∂h| over batches, summed across ranks.
 
 Every decision is taken from reduced statistics and every random draw comes from a
@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from mitigations.state_access import StateAccess
-from trainer.instruments.hooks import NeuronHooks
+from trainer.instruments.hooks import measure_neurons
 from trainer.phases import stable_seed
 
 _LAYER = re.compile(r"blocks\.(\d+)\.mlp\.hidden/score$")
@@ -58,33 +58,10 @@ def reset_units(access: StateAccess, mlp, idx, gen: Optional[torch.Generator] = 
     return int(idx.numel())
 
 
-def split_rows(rows: torch.Tensor, batch_size: int, rank: int, world: int):
-    """This rank's batches of ``rows`` plus padding batches (None) so all ranks forward equally."""
-    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    per_rank = -(-len(batches) // world)
-    out = []
-    for i in range(per_rank):
-        j = rank + i * world
-        out.append(batches[j] if j < len(batches) else None)
-    return out, batches[0]
-
-
-@torch.no_grad()
 def dormancy_scores(model, rows: torch.Tensor, batch_size: int, device, rank: int = 0,
                     world: int = 1) -> Dict[int, torch.Tensor]:
     """{layer index: ReDo score [H]} (E|h_i| / mean_k E|h_k|) of each MLP's hidden units."""
-    was_training = model.training
-    model.eval()
-    hooks = NeuronHooks(model)
-    mine, pad = split_rows(rows, batch_size, rank, world)
-    for b in mine:
-        if b is None:
-            model(pad[:, :-1].to(device))  # keeps forwards in lockstep (ZeRO-3) without counting
-            continue
-        with hooks:
-            model(b[:, :-1].to(device))
-    model.train(was_training)
-    per = hooks.accumulator.all_reduce().per_neuron()
+    per = measure_neurons(model, rows, batch_size, device, rank, world).per_neuron()
     out = {}
     for key, v in per.items():
         m = _LAYER.search(key)

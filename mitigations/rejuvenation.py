@@ -23,7 +23,8 @@ from trainer.callbacks import register
 from trainer.errors import CheckpointError, ConfigError
 from trainer.instruments.probe import gathered_copy
 from mitigations.base import Mitigation, check_boundaries
-from mitigations.neurons import attribution_scores, generator, mlps, reset_units, split_rows
+from data.packing import rank_share
+from mitigations.neurons import attribution_scores, generator, mlps, reset_units
 from mitigations.redo import measurement_rows
 from mitigations.state_access import StateAccess
 
@@ -89,8 +90,8 @@ class Rejuvenation(Mitigation):
             return [runner.next_batch() for _ in range(self.batches)], lambda m, b: runner.loss(m, b)[0]
         acc = trainer.accelerator
         rows = measurement_rows(trainer, self.batches * acc.num_processes)
-        mine, pad = split_rows(rows, mb, acc.process_index, acc.num_processes)
-        batches = [b if b is not None else pad[:0] for b in mine]
+        share = rank_share([rows[i:i + mb] for i in range(0, len(rows), mb)], acc.process_index, acc.num_processes)
+        batches = [b if counts else b[:0] for b, counts in share]
         dev = acc.device
 
         def lm_loss(m, b):

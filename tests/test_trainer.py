@@ -187,3 +187,11 @@ def test_run_dir_with_other_config_is_refused(tmp_path, cache_dir):
 def test_demo_config_loads():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
     assert cfg.phases["pretrain"].mode == "stationary" and len(cfg.phases["pretrain"].languages) >= 3
+
+
+def test_rank_share_strides_and_pads_for_lockstep():
+    from data.packing import rank_share
+    a, b, c = (torch.full((1, 2), v) for v in (1, 2, 3))
+    assert [(int(x[0, 0]), n) for x, n in rank_share([a, b, c], 0, 2)] == [(1, True), (3, True)]
+    assert [(int(x[0, 0]), n) for x, n in rank_share([a, b, c], 1, 2)] == [(2, True), (1, False)]  # padding
+    assert [(int(x[0, 0]), n) for x, n in rank_share([a, b, c], 0, 1)] == [(1, True), (2, True), (3, True)]

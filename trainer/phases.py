@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from data.packing import MixtureStream, RowStream, iterate_eval_batches, rank_slice
+from data.packing import MixtureStream, RowStream, iterate_eval_batches, rank_share, rank_slice
 from trainer.config import PhaseConfig
 
 
@@ -43,16 +43,13 @@ def mean_loss(trainer, model, batches: List[torch.Tensor], split=lm_split) -> fl
     which ZeRO-3 needs since each forward gathers parameters collectively.
     """
     acc = trainer.accelerator
-    world, rank = acc.num_processes, acc.process_index
-    per_rank = -(-len(batches) // world)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-    for i in range(per_rank):
-        j = rank + i * world
-        x, y = split(batches[j if j < len(batches) else 0].to(acc.device))
+    for batch, counts in rank_share(batches, acc.process_index, acc.num_processes):
+        x, y = split(batch.to(acc.device))
         _, loss = model(x, y)
-        weight = float((y != -100).sum()) if j < len(batches) else 0.0
+        weight = float((y != -100).sum()) if counts else 0.0
         total += torch.tensor([loss.double().item() * weight, weight], dtype=torch.float64, device=acc.device)
     total = acc.reduce(total, reduction="sum")
     model.train(was_training)

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainer.callbacks import Callback, register
 from trainer.errors import ConfigError
 from trainer.instruments import metrics as M
-from trainer.instruments.hooks import NeuronHooks, capture_features
+from trainer.instruments.hooks import NeuronHooks, capture_features, measure_neurons
 from trainer.instruments.neuron_stats import flatten_summary
 from trainer.instruments.probe import ProbeConfig, delta_auc, fresh_copy, gathered_copy, probe_model
 from trainer.phases import stable_seed
@@ -134,23 +134,9 @@ class Instruments(Callback):
     # --- the measurement ------------------------------------------------------------------------
     def _neuron_stats(self, trainer, rows: torch.Tensor):
         """All ranks: their share of the measurement rows, equal batch counts, summed across ranks."""
-        acc_, mb = trainer.accelerator, trainer.cfg.trainer.micro_batch_size
-        batches = [rows[i:i + mb] for i in range(0, len(rows), mb)]
-        per_rank = -(-len(batches) // acc_.num_processes)
-        model = trainer.model
-        was_training = model.training
-        model.eval()
-        hooks = NeuronHooks(model)
-        with torch.no_grad():
-            for i in range(per_rank):
-                j = acc_.process_index + i * acc_.num_processes
-                if j < len(batches):
-                    with hooks:
-                        model(batches[j][:, :-1].to(acc_.device))
-                else:  # keep forwards in lockstep (ZeRO-3) without counting the padding
-                    model(batches[0][:, :-1].to(acc_.device))
-        model.train(was_training)
-        return hooks.accumulator.all_reduce()
+        acc = trainer.accelerator
+        return measure_neurons(trainer.model, rows, trainer.cfg.trainer.micro_batch_size, acc.device,
+                               acc.process_index, acc.num_processes)
 
     def _model_metrics(self, model, rows: torch.Tensor, sharpness: bool = True) -> Dict[str, float]:
         out: Dict[str, float] = {"mean_abs_param": M.mean_abs_param(model)}

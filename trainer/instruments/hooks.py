@@ -17,10 +17,13 @@ stripped from entry names.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from data.packing import rank_share
 
 from .neuron_stats import DEFAULT_DELTA, DEFAULT_EPS, NeuronStatsAccumulator, normalize_act_kind
 
@@ -164,6 +167,23 @@ class NeuronHooks:
 
     def summary(self, **kw) -> dict:
         return self.acc.summary(**kw)
+
+
+@torch.no_grad()
+def measure_neurons(model: nn.Module, rows: torch.Tensor, batch_size: int, device, rank: int = 0,
+                    world: int = 1) -> NeuronStatsAccumulator:
+    """Per-neuron statistics of ``model`` (eval mode) on packed ``rows`` (inputs = row[:-1]): each rank
+    measures its share of the batches, padding forwards keep ranks in lockstep without being counted, and
+    the returned accumulator is summed across ranks."""
+    was_training = model.training
+    model.eval()
+    hooks = NeuronHooks(model)
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    for batch, counts in rank_share(batches, rank, world):
+        with hooks if counts else contextlib.nullcontext():
+            model(batch[:, :-1].to(device))
+    model.train(was_training)
+    return hooks.accumulator.all_reduce()
 
 
 def _batch_input(batch):
