@@ -41,13 +41,7 @@ def reset_units(access: StateAccess, mlp, idx, gen: Optional[torch.Generator] = 
     params = mlp.neuron_params()
     for p, dim in params["incoming"]:  # same draws, in the same order, as mlp.reinit_incoming
         full = access.get_param(p)
-        if p.ndim == 1:
-            full.index_fill_(0, idx.to(full.device), 0.0)
-        else:
-            shape = list(full.shape)
-            shape[dim] = idx.numel()
-            fresh = torch.randn(shape, generator=gen, dtype=torch.float32) * mlp.in_std
-            full.index_copy_(dim, idx.to(full.device), fresh.to(full.device))
+        mlp.redraw_incoming_(full, dim, idx, gen)
         access.set_param(p, full)
         access.zero_moment_slices(p, dim, idx)
     for p, dim in params["outgoing"]:

@@ -182,15 +182,21 @@ class _MLPBase(nn.Module):
         if idx.numel() == 0:
             return
         for p, dim in self.neuron_params()["incoming"]:
-            i = idx.to(p.device)
-            if p.ndim == 1:
-                p.index_fill_(0, i, 0.0)
-                continue
-            shape = list(p.shape)
-            shape[dim] = i.numel()
-            fresh = torch.randn(shape, generator=generator, dtype=torch.float32,
-                                device=generator.device if generator is not None else p.device)
-            p.index_copy_(dim, i, (fresh * self.in_std).to(device=p.device, dtype=p.dtype))
+            self.redraw_incoming_(p, dim, idx, generator)
+
+    @torch.no_grad()
+    def redraw_incoming_(self, t: torch.Tensor, dim: int, idx: torch.Tensor, generator: torch.Generator | None = None):
+        """In place on ``t`` (one incoming parameter, or a full copy of it): units ``idx`` along ``dim`` get
+        N(0, in_std^2) weights, or 0 for a bias. Shared by reinit_incoming and the mitigations' resets."""
+        i = idx.to(t.device)
+        if t.ndim == 1:
+            t.index_fill_(0, i, 0.0)
+            return
+        shape = list(t.shape)
+        shape[dim] = i.numel()
+        fresh = torch.randn(shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else t.device)
+        t.index_copy_(dim, i, (fresh * self.in_std).to(device=t.device, dtype=t.dtype))
 
 
 class GeluMLP(_MLPBase):
