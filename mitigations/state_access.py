@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from trainer.optim import innermost
+from trainer.optim import innermost, wrapper_chain
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -48,13 +48,11 @@ def _relink_zero_states(optimizer) -> None:
     """ZeRO-1/2 link each parameter to views of its optimizer state once, after the first step's
     first param group, so groups whose state did not exist yet get empty links ("exp_avg not
     found in optimizer state fragment"). Re-linking now, while every state exists, fixes that."""
-    layer = optimizer
-    while layer is not None:
+    for layer in wrapper_chain(optimizer):
         if hasattr(layer, "_lazy_init_hp_params_optimizer_state"):
             layer._hp_optimizer_states_linked = False
             layer._lazy_init_hp_params_optimizer_state()
             return
-        layer = getattr(layer, "optimizer", None)
 
 
 class StateAccess:

@@ -33,7 +33,7 @@ from trainer.config import PhaseConfig, RunConfig
 from trainer.errors import CheckpointError, ConfigError, UserError
 from trainer.logger import RunLogger, peak_flops
 from trainer.model_setup import resolve_model_config
-from trainer.optim import apply_hyperparams, lr_at, param_groups, reset_state, set_lr
+from trainer.optim import apply_hyperparams, lr_at, param_groups, reset_state, set_lr, wrapper_chain
 from trainer.phases import PhaseRunner, get_runner, stable_seed
 
 
@@ -228,11 +228,9 @@ class Trainer:
         params = list(self.unwrapped_model.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0) if stage3 else contextlib.nullcontext():
             yield
-        layer = self.optimizer
-        while hasattr(layer, "optimizer"):
+        for layer in wrapper_chain(self.optimizer):
             if hasattr(layer, "refresh_fp32_params"):
                 layer.refresh_fp32_params()
-            layer = layer.optimizer
 
     def _begin_phase(self, p: PhaseConfig) -> None:
         model = self.unwrapped_model

@@ -33,11 +33,17 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: List[str]) -> 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
+def wrapper_chain(optimizer):
+    """The optimizer and each one it wraps, outermost first (accelerate -> DeepSpeed ZeRO -> torch)."""
+    while optimizer is not None:
+        yield optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+
+
 def innermost(optimizer):
     """The torch optimizer under accelerate/DeepSpeed wrappers (its state and param_groups)."""
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
+    *_, inner = wrapper_chain(optimizer)
+    return inner
 
 
 def apply_hyperparams(optimizer, o: OptimConfig) -> None:
@@ -45,11 +51,9 @@ def apply_hyperparams(optimizer, o: OptimConfig) -> None:
         group["weight_decay"] = o.weight_decay if i == 0 else 0.0
         group["betas"] = tuple(o.betas)
         group["eps"] = o.eps
-    layer = optimizer
-    while hasattr(layer, "optimizer"):  # DeepSpeed's ZeRO optimizers clip inside their step
+    for layer in wrapper_chain(optimizer):  # DeepSpeed's ZeRO optimizers clip inside their step
         if hasattr(layer, "clip_grad"):
             layer.clip_grad = float(o.grad_clip)
-        layer = layer.optimizer
 
 
 def reset_state(optimizer) -> None:
