@@ -3,14 +3,31 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 # Dense bf16 peak FLOP/s per device, matched by substring of the device name (longest first).
 PEAK_FLOPS = {
     "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12,
     "L40S": 362e12, "L4": 121e12, "V100": 125e12, "MI300X": 1307e12, "RTX 4090": 165e12,
 }
+
+
+def keep_jsonl_rows(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a JSON-lines file with only the rows for which keep(row) is true, atomically; lines torn by a
+    kill (not a JSON object) are dropped. Used on resume, for rows about to be logged again."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and keep(row):
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def peak_flops(device_name: Optional[str]) -> Optional[float]:

@@ -31,7 +31,7 @@ from trainer import checkpoint, rundir
 from trainer.callbacks import Callback, build_callbacks
 from trainer.config import PhaseConfig, RunConfig
 from trainer.errors import CheckpointError, ConfigError, UserError
-from trainer.logger import RunLogger, peak_flops
+from trainer.logger import RunLogger, keep_jsonl_rows, peak_flops
 from trainer.model_setup import resolve_model_config
 from trainer.optim import apply_hyperparams, lr_at, param_groups, reset_state, set_lr, wrapper_chain
 from trainer.phases import PhaseRunner, get_runner, stable_seed
@@ -203,16 +203,7 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not self.is_main or not path.is_file():
             return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= self.global_step:
-                    keep.append(line + "\n")
-            except ValueError:
-                pass  # a line torn by a kill
-        tmp = path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        self.logger.reopen(lambda: os.replace(tmp, path))
+        self.logger.reopen(lambda: keep_jsonl_rows(path, lambda row: row.get("step", 0) <= self.global_step))
 
     # --- phase set-up ---------------------------------------------------------------------
     @contextlib.contextmanager
