@@ -254,10 +254,11 @@ def _validate_model(cfg: RunConfig) -> None:
 def _validate_resume(resume: str) -> None:
     if resume in ("auto", "never"):
         return
+    from trainer.checkpoint import MANIFEST
+
     path = Path(resume)
     _require(path.is_dir(), "trainer.resume", f"'{resume}' is neither auto, never nor a checkpoint directory")
-    _require((path / "manifest.json").is_file(), "trainer.resume",
-             f"{resume} is not a complete checkpoint (no manifest.json)")
+    _require((path / MANIFEST).is_file(), "trainer.resume", f"{resume} is not a complete checkpoint (no {MANIFEST})")
 
 
 def _validate_rl_world(cfg: RunConfig) -> None:

@@ -31,15 +31,9 @@ from trainer.errors import ConfigError
 from trainer.instruments import metrics as M
 from trainer.instruments.hooks import NeuronHooks, capture_features, measure_neurons
 from trainer.instruments.neuron_stats import flatten_summary
+from trainer.logger import keep_jsonl_rows
 from trainer.instruments.probe import ProbeConfig, delta_auc, fresh_copy, gathered_copy, probe_model
 from trainer.phases import stable_seed
-
-
-def _boundary_of(line: str) -> float:
-    try:
-        return json.loads(line)["boundary"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")  # a line torn by a kill is dropped
 
 
 def pretraining_languages(cfg) -> List[str]:
@@ -52,6 +46,11 @@ def validation_rows(trainer, langs: List[str], batches_per_language: int) -> tor
     (global: the same rows whatever the number of processes)."""
     mb = trainer.cfg.trainer.micro_batch_size * trainer.accelerator.num_processes
     return torch.cat([trainer.data.rows(l)[1][: mb * batches_per_language] for l in langs])
+
+
+def spread(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """n rows evenly spaced over ``rows`` (which are grouped by language: every language keeps its share)."""
+    return rows[torch.linspace(0, len(rows) - 1, min(len(rows), n)).round().long()]
 
 
 def measurement_rows(trainer, batches_per_language: int) -> torch.Tensor:
@@ -103,8 +102,8 @@ class Instruments(Callback):
         elif trainer.is_main:  # resumed: boundaries measured after the checkpoint will be measured again
             path = trainer.run_dir / "boundaries.jsonl"
             if path.is_file():
-                keep = [l for l in path.read_text(encoding="utf-8").splitlines() if _boundary_of(l) < self.boundary]
-                path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+                keep_jsonl_rows(path, lambda row: isinstance(row.get("boundary"), (int, float))
+                                and row["boundary"] < self.boundary)
 
     def on_task_end(self, trainer) -> None:
         self.measure(trainer, label=f"{trainer.phase_name}-{trainer.task_name}")
@@ -141,8 +140,7 @@ class Instruments(Callback):
     def _model_metrics(self, model, rows: torch.Tensor, sharpness: bool = True) -> Dict[str, float]:
         out: Dict[str, float] = {"mean_abs_param": M.mean_abs_param(model)}
         # enough sequences for 2x feature_rows tokens, spread evenly over the languages
-        n_seq = min(len(rows), max(1, -(-2 * self.feature_rows // (rows.shape[1] - 1))))
-        feature_rows = rows[torch.linspace(0, len(rows) - 1, n_seq).round().long()]
+        feature_rows = spread(rows, max(1, -(-2 * self.feature_rows // (rows.shape[1] - 1))))
         batches = [feature_rows[i:i + 8][:, :-1] for i in range(0, len(feature_rows), 8)]
         feats = capture_features(model, batches, max_rows=self.feature_rows)
         for name, feat in feats.items():
@@ -194,8 +192,8 @@ class Instruments(Callback):
         the sharpness, are only logged (prefix periodic/) and do not count as boundaries."""
         t0 = time.perf_counter()
         rows = measurement_rows(trainer, 1 if periodic else self.measure_batches)
-        if periodic:  # a small fixed subset, spread evenly over the languages
-            rows = rows[torch.linspace(0, len(rows) - 1, min(len(rows), self.periodic_rows)).round().long()]
+        if periodic:  # a small fixed subset
+            rows = spread(rows, self.periodic_rows)
         acc = self._neuron_stats(trainer, rows)
         model = gathered_copy(trainer)  # collective under ZeRO-3; a plain copy otherwise
         report = None
@@ -215,10 +213,8 @@ class Instruments(Callback):
             if not periodic:
                 report = self._write(trainer, label, summary, scalars, curve, acc.per_neuron(),
                                      time.perf_counter() - t0)
-        if periodic:
-            trainer.accelerator.wait_for_everyone()
-            return report
-        self.boundary += 1
+        if not periodic:
+            self.boundary += 1
         trainer.accelerator.wait_for_everyone()
         return report
 
