@@ -267,9 +267,14 @@ def _validate_rl_world(cfg: RunConfig) -> None:
     except ValueError:
         return
     for name, p in cfg.phases.items():
-        if p.kind == "rl" and world > 1:
-            _require(p.rl.prompts_per_step % world == 0, f"phases.{name}.rl.prompts_per_step",
-                     f"{p.rl.prompts_per_step} is not divisible by the number of processes ({world})")
+        if p.kind == "rl":
+            check_rl_world(name, p, world)
+
+
+def check_rl_world(name: str, p: PhaseConfig, world: int) -> None:
+    """An RL step's prompts are split evenly over the processes."""
+    _require(p.rl.prompts_per_step % world == 0, f"phases.{name}.rl.prompts_per_step",
+             f"{p.rl.prompts_per_step} is not divisible by the number of processes ({world})")
 
 
 def _validate_sources(cfg: RunConfig) -> None:

@@ -36,10 +36,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from data.sft import IGNORE, evaluate as evaluate_generation, prompt_ids
 from data.tasks import Example, make_examples, task_for
+from trainer.config import check_rl_world
 from trainer.errors import CheckpointError, ConfigError
 from trainer.phases import RUNNERS, PhaseRunner, Task, stable_seed
 from trainer.sft_phase import load_parallel_for
@@ -108,9 +109,7 @@ class GRPORunner(PhaseRunner):
         r = cfg.rl
         acc = trainer.accelerator
         world = acc.num_processes
-        if r.prompts_per_step % world:
-            raise ConfigError(f"config key 'phases.{name}.rl.prompts_per_step': {r.prompts_per_step} is not "
-                              f"divisible by the number of processes ({world})")
+        check_rl_world(name, cfg, world)  # also checked at config load, from WORLD_SIZE
         self.prompts_per_rank = r.prompts_per_step // world
         ga = trainer.cfg.trainer.grad_accum
         if self.prompts_per_rank * r.group_size < ga:
@@ -143,6 +142,7 @@ class GRPORunner(PhaseRunner):
 
     def _build_reference(self) -> torch.nn.Module:
         from models.gpt import GPT
+        from trainer.loop import load_weights  # the loop imports the runners
 
         t, acc = self.trainer, self.trainer.accelerator
         ref = GPT(t.model_cfg)
@@ -150,9 +150,7 @@ class GRPORunner(PhaseRunner):
         if self._resumed:
             if not path.is_file():
                 raise CheckpointError(f"cannot rebuild the RL reference model: {path} is missing")
-            missing, unexpected = ref.load_state_dict(load_file(str(path)), strict=False)
-            if unexpected or set(missing) - {"lm_head.weight"}:
-                raise CheckpointError(f"{path} does not fit the model")
+            load_weights(ref, path)
         else:
             state = {k: v.detach().float().clone().cpu() for k, v in t.unwrapped_model.state_dict().items()}
             ref.load_state_dict(state)
