@@ -46,9 +46,9 @@ def now() -> float:
 
 
 def table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+    from trainer.study_report import markdown_table
+
+    return markdown_table(header, rows)
 
 
 def fmt(x, nd=0):

@@ -45,10 +45,15 @@ def _psize(p) -> str:
     return f"{p / 1e6:.2f}M" if p >= 1e6 else f"{p / 1e3:.0f}k"
 
 
-def _table(header: Sequence[str], rows: List[Sequence]) -> str:
+def markdown_table(header: Sequence[str], rows: List[Sequence], cell=str) -> str:
+    """A GitHub markdown table; ``cell`` formats each body cell (also used by bench/)."""
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def _table(header: Sequence[str], rows: List[Sequence]) -> str:
+    return markdown_table(header, rows, cell=_f)
 
 
 def _fig_curves(per_run, mode: str, path: Path) -> bool:
