@@ -16,7 +16,6 @@ The variants run interleaved (a, b, c, a, b, c, ...) and the median wall time of
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -136,6 +135,7 @@ class _InstrumentClock:
 
 
 def one_run(variant: str, steps_per_task: int) -> dict:
+    from trainer.analysis import read_boundaries
     from trainer.config import load_config
     from trainer.loop import Trainer
 
@@ -157,12 +157,8 @@ def one_run(variant: str, steps_per_task: int) -> dict:
             t0, c0 = now(), time.process_time()
             outcome = trainer.run()
             wall, cpu = now() - t0, time.process_time() - c0
-        b_secs = []
-        bj = tmp / "run" / "boundaries.jsonl"
-        if bj.exists():
-            for line in bj.read_text().splitlines():
-                rec = json.loads(line)
-                b_secs.append(rec.get("seconds") or rec.get("scalars", {}).get("seconds"))
+        b_secs = [rec.get("seconds") or rec.get("scalars", {}).get("seconds")
+                  for rec in read_boundaries(tmp / "run" / "boundaries.jsonl")]
         steps = steps_per_task * 2
         return {"variant": variant, "wall_s": wall, "cpu_s": cpu, "outcome": outcome, "steps": steps,
                 "boundaries": len(b_secs), "boundary_s": b_secs, "load_avg": load(),
