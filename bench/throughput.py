@@ -75,6 +75,22 @@ class Stepper:
         return loss
 
 
+def interleaved_tok_s(steppers: dict, x, y, steps: int, rounds: int):
+    """`steps` training steps of each stepper per round, the order rotating every round so that the machine's
+    load hits all of them alike. Returns ({name: [wall-clock tok/s]}, {name: [CPU-time tok/s]}), one per round."""
+    tokens = steps * x.numel()
+    wall, cpu = {n: [] for n in steppers}, {n: [] for n in steppers}
+    names = list(steppers)
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t0, c0 = now(), time.thread_time()
+            for _ in range(steps):
+                steppers[n].step(x, y)
+            wall[n].append(tokens / (now() - t0))
+            cpu[n].append(tokens / max(time.thread_time() - c0, 1e-9))
+    return wall, cpu
+
+
 def measure(flavour, size, batch, steps, rounds, warmup, compile_=False, impls=IMPLS, log=print):
     cfg, models = build(flavour, SIZES[size])
     g = torch.Generator().manual_seed(0)
@@ -90,18 +106,7 @@ def measure(flavour, size, batch, steps, rounds, warmup, compile_=False, impls=I
             f"(load {load()})")
         for _ in range(warmup):
             s.step(x, y)
-    tok = {n: [] for n in steppers}
-    tok_cpu = {n: [] for n in steppers}
-    names = list(steppers)
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            s = steppers[n]
-            t0, c0 = now(), time.thread_time()
-            for _ in range(steps):
-                s.step(x, y)
-            tok[n].append(steps * batch * cfg.block_size / (now() - t0))
-            tok_cpu[n].append(steps * batch * cfg.block_size / max(time.thread_time() - c0, 1e-9))
+    tok, tok_cpu = interleaved_tok_s(steppers, x, y, steps, rounds)
     res = {"flavour": flavour, "size": size, "compiled": compile_, "batch": batch, "seq": cfg.block_size,
            "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
            "non_embedding_params": models["ours"].num_params(), "steps_per_round": steps, "rounds": rounds,
@@ -307,13 +312,7 @@ def loss_path_check(sizes=("0.1M", "1M", "10M"), batch=8, steps=4, rounds=7, log
                 diff = abs(float(st["fused"].fwd(x, x)) - float(st["unfused"].fwd(x, x)))
             for s in st.values():
                 s.step(x, x)
-            tok = {n: [] for n in st}
-            for r in range(rounds):
-                for n in (["fused", "unfused"] if r % 2 == 0 else ["unfused", "fused"]):
-                    c0 = time.thread_time()
-                    for _ in range(steps):
-                        st[n].step(x, x)
-                    tok[n].append(steps * batch * cfg.block_size / max(time.thread_time() - c0, 1e-9))
+            _, tok = interleaved_tok_s(st, x, x, steps, rounds)
             res = {"flavour": flavour, "size": size, "fused": median(tok["fused"]), "unfused": median(tok["unfused"]),
                    "first_loss_abs_diff": diff, "load_avg": load()}
             res["fused_over_unfused"] = res["fused"] / res["unfused"]
