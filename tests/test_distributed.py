@@ -60,9 +60,14 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 needs_launcher = pytest.mark.skipif(not ACCELERATE.is_file(), reason=f"no accelerate launcher at {ACCELERATE}")
 
 
-def losses(run_dir) -> list:
+def logged(run_dir, key) -> list:
+    """[(step, value)] of every metrics.jsonl row that has `key`."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def losses(run_dir) -> list:
+    return logged(run_dir, "train/loss")
 
 
 def assert_same_losses(got, want, rtol=RTOL):
@@ -233,11 +238,6 @@ def single_mitigated(tmp_path_factory, config_file, overrides, single):
     return single_run_with(tmp_path_factory, config_file, overrides, "single-mit", MITIGATIONS)
 
 
-def resets(run_dir) -> list:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["redo/reset"]) for r in rows if "redo/reset" in r]
-
-
 MITIGATIONS_Z3 = ("[{name: redo, tau: 0.3, every: 4, at: [task_end]},"
                   " {name: shrink_perturb, shrink: 0.9, sigma: 0.001, at: [task_end]}]")  # l2_init: refused
 
@@ -258,19 +258,14 @@ def test_mitigations_under_zero_match_single_process(stage, request, tmp_path, c
     run = tmp_path / f"zero{stage}"
     out = launch(ZERO[stage], config_file, overrides, run, f"callbacks={callbacks}", timeout=600)
     assert "backend: DEEPSPEED processes=2" in out and "outcome: done" in out
-    want = resets(single_mitigated)
+    want = logged(single_mitigated, "redo/reset")
     assert want and sum(n for _, n in want) > 0  # units were really reset
-    assert resets(run) == want
+    assert logged(run, "redo/reset") == want
     assert_same_losses(losses(run), losses(single_mitigated), rtol=1e-4)
 
 
 CBP = "{name: cbp, replacement_rate: 0.02, maturity: 3, decay: 0.9}"
 CBP_WD = f"[{CBP}, {{name: wd_schedule, schedule: linear, start_factor: 100.0, end_factor: 0.0}}]"
-
-
-def logged(run_dir, key) -> list:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r[key]) for r in rows if key in r]
 
 
 @pytest.fixture(scope="module")
