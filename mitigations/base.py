@@ -5,7 +5,8 @@ from typing import Sequence
 
 from trainer.callbacks import Callback
 from trainer.errors import ConfigError
-from mitigations.state_access import StateAccess, zero_stage
+from mitigations.state_access import StateAccess
+from trainer.optim import zero_stage
 
 BOUNDARIES = ("task_end", "phase_end", "phase_start", "task_start")
 

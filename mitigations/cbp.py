@@ -80,6 +80,12 @@ class ContinualBackprop(Mitigation):
         self._ensure(trainer)
         self._hooks = NeuronHooks(trainer.model).start()
 
+    def post_backward(self, trainer) -> None:
+        # the utility is about the training forward passes only: detach before any other callback's
+        # post_step runs forwards of its own (periodic metrics, ReDo's scoring) on the same model
+        if self._hooks is not None:
+            self._hooks.stop()
+
     def post_step(self, trainer, logs) -> None:
         if self._hooks is None:
             return

@@ -22,26 +22,9 @@ from typing import Iterable, Optional
 
 import torch
 
-from trainer.optim import innermost, wrapper_chain
+from trainer.optim import deepspeed_stage, innermost, wrapper_chain
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _deepspeed_stage(accelerator) -> Optional[int]:
-    """ZeRO stage when running under DeepSpeed, else None."""
-    if accelerator is None:
-        return None
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    plugin = accelerator.state.deepspeed_plugin
-    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def zero_stage(trainer) -> Optional[int]:
-    """The run's ZeRO stage (None when not DeepSpeed)."""
-    return _deepspeed_stage(getattr(trainer, "accelerator", None))
 
 
 def _relink_zero_states(optimizer) -> None:
@@ -65,7 +48,7 @@ class StateAccess:
     def __init__(self, optimizer=None, accelerator=None):
         self.optimizer = optimizer
         self.accelerator = accelerator
-        self.stage = _deepspeed_stage(accelerator)
+        self.stage = deepspeed_stage(accelerator)
         if self.stage in (1, 2) and optimizer is not None and innermost(optimizer).state:
             _relink_zero_states(optimizer)
 

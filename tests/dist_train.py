@@ -45,10 +45,13 @@ def main(argv=None) -> int:
     if trainer.is_main:
         acc = trainer.accelerator
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        params = list(trainer.model.parameters())
+        # ZeRO-3 leaves an empty placeholder in a parameter whose values live in shards across the ranks
+        sharded = sum(hasattr(q, "ds_tensor") and q.numel() == 0 for q in params)
         print(f"backend: {acc.distributed_type.value} processes={acc.num_processes} "
               f"optimizer={type(inner).__name__} clip_grad={getattr(inner, 'clip_grad', None)} "
               f"offload={bool(getattr(inner, 'cpu_offload', False) or getattr(inner, 'offload_optimizer', False))} "
-              f"param_dtype={next(trainer.model.parameters()).dtype}",
+              f"param_dtype={params[0].dtype} sharded_params={sharded}/{len(params)}",
               flush=True)
         print(f"outcome: {outcome}", flush=True)
     trainer.accelerator.end_training()

@@ -91,3 +91,29 @@ def test_boundary_state_survives_resume(tmp_path, cache_dir):
     Trainer(load_config(CONTINUAL, tiny_overrides(straight, cache_dir, callbacks=INSTRUMENTS))).run()
     other = [json.loads(l) for l in (straight / "boundaries.jsonl").read_text().splitlines()]
     assert [l["scalars"]["probe/delta_auc"] for l in lines] == [l["scalars"]["probe/delta_auc"] for l in other]
+
+
+def test_step_hooks_count_only_the_training_forward(tmp_path, cache_dir):
+    """Online statistics and CBP's utility cover the step's training tokens only, also at steps where a callback
+    before them runs forwards of its own on the same model in post_step (periodic metrics, ReDo's scoring)."""
+    from mitigations.cbp import ContinualBackprop
+
+    class CBPSpy(ContinualBackprop):
+        def post_step(self, trainer, logs):
+            self.seen.append(int(self._hooks.accumulator.per_neuron()["blocks.0.mlp.hidden/count"][0]))
+            super().post_step(trainer, logs)
+
+    cbp = CBPSpy(replacement_rate=0.05, maturity=1)
+    cbp.seen = []
+    run = tmp_path / "r"
+    callbacks = ("[{name: instruments, online_every: 2, online_token_stride: 1, metrics_every: 2, probe: false,"
+                 " at_run_start: false}, {name: redo, tau: 0.1, every: 2}]")
+    cfg = load_config(CONTINUAL, tiny_overrides(run, cache_dir, callbacks=callbacks,
+                                                **{"trainer.eval_interval": 100}))
+    assert Trainer(cfg, [cbp]).run() == "done"
+    step_tokens = 4 * 32  # micro-batch 4 x block 32
+    assert cbp.seen and set(cbp.seen) == {step_tokens}
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    online = [r["online/overall/tokens"] for r in rows if "online/overall/tokens" in r]
+    assert online and set(online) == {step_tokens}
+    assert any("periodic/repr/overall/effective_rank" in r for r in rows) and any("redo/reset" in r for r in rows)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,27 @@ def launch(launcher_args, config_file, overrides, run_dir, *extra, timeout=300):
 DDP = ["--multi_gpu"]
 ZERO = {1: ["--use_deepspeed", "--zero_stage", "1"],  # flags, and the shipped accelerate/DeepSpeed files:
         2: ["--config_file", "launch/accelerate/zero2.yaml"],
-        3: ["--config_file", "launch/accelerate/zero3.yaml"]}
+        3: None}  # the shipped zero3 files with every parameter partitioned (set by partitioned_zero3)
+SHIPPED = {"zero2_offload": ["--config_file", "launch/accelerate/zero2_offload.yaml"], "zero3_offload": None}
+
+
+def partitioned(name: str, out_dir: Path) -> list:
+    """Launcher args for a copy of the shipped ZeRO-3 config `name` with stage3_param_persistence_threshold 0.
+    The shipped threshold (1e5 elements) keeps every weight of the tiny test model whole on each rank, so
+    without this ZeRO-3's sharding, its empty placeholders and its gathers would go untested."""
+    ds = json.loads((REPO / "launch" / "deepspeed" / f"{name}.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (out_dir / f"{name}.json").write_text(json.dumps(ds))
+    acc = (REPO / "launch" / "accelerate" / f"{name}.yaml").read_text()
+    assert f"launch/deepspeed/{name}.json" in acc
+    (out_dir / f"{name}.yaml").write_text(acc.replace(f"launch/deepspeed/{name}.json", str(out_dir / f"{name}.json")))
+    return ["--config_file", str(out_dir / f"{name}.yaml")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def partitioned_zero3(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("zero3-partitioned")
+    ZERO[3], SHIPPED["zero3_offload"] = partitioned("zero3", out_dir), partitioned("zero3_offload", out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +166,9 @@ def test_zero_matches_single_process(stage, request, tmp_path, config_file, over
         run = tmp_path / f"zero{stage}"
         out = launch(ZERO[stage], config_file, overrides, run, timeout=600)
     assert "backend: DEEPSPEED processes=2" in out and "outcome: done" in out
+    if stage == 3:  # every parameter really is sharded (see partitioned())
+        n = re.search(r"sharded_params=(\d+)/(\d+)", out)
+        assert n and n.group(1) == n.group(2) != "0", out[-2000:]
     # The last phase's clipping reached DeepSpeed's ZeRO optimizer (it clips inside its own step).
     assert f"clip_grad={POST_CLIP}" in out
     ref = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
@@ -229,7 +253,7 @@ def test_boundary_instruments_under_multiple_processes(backend, tmp_path, config
             assert g[key] == pytest.approx(w[key], rel=1e-3, abs=1e-3), (key, g[key], w[key])
 
 
-MITIGATIONS = ("[{name: redo, tau: 0.3, every: 4, at: [task_end]}, {name: l2_init, coef: 0.01},"
+MITIGATIONS = ("[{name: redo, tau: 0.3, every: 4, at: [task_end]}, {name: l2_init, coef: 0.01, params: decay},"
                " {name: shrink_perturb, shrink: 0.9, sigma: 0.001, at: [task_end]}]")
 
 
@@ -262,6 +286,10 @@ def test_mitigations_under_zero_match_single_process(stage, request, tmp_path, c
     assert want and sum(n for _, n in want) > 0  # units were really reset
     assert logged(run, "redo/reset") == want
     assert_same_losses(losses(run), losses(single_mitigated), rtol=1e-4)
+    if stage < 3:  # L2-Init's decay group is found on the model, not in ZeRO's flat optimizer groups
+        got, want = logged(run, "l2_init/sq_dist"), logged(single_mitigated, "l2_init/sq_dist")
+        assert len(got) == len(want) == N_STEPS and sum(v for _, v in want) > 0
+        assert [g for _, g in got] == pytest.approx([w for _, w in want], rel=1e-3, abs=1e-9)
 
 
 CBP = "{name: cbp, replacement_rate: 0.02, maturity: 3, decay: 0.9}"
@@ -302,7 +330,7 @@ def test_cbp_and_wd_schedule_under_zero_match_single_process(stage, tmp_path_fac
 def test_offload_configs_match_single_process(config, tmp_path, config_file, overrides, single):
     """The shipped optimizer-offload configs (optimizer state and step on the host) give the same losses."""
     run = tmp_path / config
-    out = launch(["--config_file", f"launch/accelerate/{config}.yaml"], config_file, overrides, run, timeout=600)
+    out = launch(SHIPPED[config], config_file, overrides, run, timeout=600)
     assert "backend: DEEPSPEED processes=2" in out and "offload=True" in out and "outcome: done" in out
     assert_same_losses(losses(run), losses(single))
 
@@ -319,3 +347,29 @@ def test_bf16_under_zero2_tracks_float32(tmp_path, config_file, overrides, singl
     assert [s for s, _ in got] == [s for s, _ in want]
     worst = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(got, want))
     assert 0 < worst < 5e-3, worst  # measured 7.5e-5: near-uniform logits of this tiny model hide bf16 error
+
+
+ONLINE = "[{name: instruments, online_every: 2, at_run_start: false, probe: false}]"
+
+
+@pytest.fixture(scope="module")
+def single_online(tmp_path_factory, config_file, overrides, single):
+    return single_run_with(tmp_path_factory, config_file, overrides, "single-online", ONLINE)
+
+
+@needs_launcher
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_online_stats_under_multiple_processes(backend, tmp_path, config_file, overrides, single_online):
+    """Per-step online neuron statistics are summed over the ranks' micro-batches and the update norm covers
+    the whole model (under ZeRO-3 each rank holds a shard), so 2 processes log what one process logs."""
+    if backend == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    run = tmp_path / backend
+    launch(DDP if backend == "ddp" else ZERO[3], config_file, overrides, run, f"callbacks={ONLINE}", timeout=600)
+    for key in ("online/update_norm", "online/overall/mean_abs", "online/overall/active_freq",
+                "online/overall/tokens"):
+        got, want = logged(run, key), logged(single_online, key)
+        assert [s for s, _ in got] == [s for s, _ in want] == list(range(2, N_STEPS + 1, 2)), key
+        assert all(w > 0 for _, w in want), (key, want)
+        for (_, g), (_, w) in zip(got, want):
+            assert g == pytest.approx(w, rel=1e-3), (key, got, want)

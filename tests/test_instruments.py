@@ -528,3 +528,19 @@ def test_capture_features_shapes_and_mode():
     F = capture_features(m, [idx], max_rows=4, min_rows_per_neuron=False)["blocks.0.mlp.hidden"]
     ref = rec[(0, "h")].reshape(-1, 12)
     assert sorted(map(tuple, F.tolist())) == sorted(map(tuple, ref.tolist()))
+
+
+def test_model_metrics_are_measured_without_dropout():
+    """A boundary copy of the model starts in train mode; with dropout on, the sharpness and the attention
+    entropy would change from one measurement of the same weights to the next."""
+    from models.gpt import GPT, ModelConfig
+    from trainer.instruments.callback import Instruments
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.3)).train()
+    rows = torch.randint(0, 64, (16, 17), generator=torch.Generator().manual_seed(1))
+    inst = Instruments(feature_rows=32, sharpness_iters=3)
+    first, second = inst._model_metrics(model, rows), inst._model_metrics(model, rows)
+    assert not model.training
+    for key in ("sharpness", "attention/entropy", "overall/effective_rank"):
+        assert first[key] == second[key], key

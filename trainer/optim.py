@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -38,6 +38,23 @@ def wrapper_chain(optimizer):
     while optimizer is not None:
         yield optimizer
         optimizer = getattr(optimizer, "optimizer", None)
+
+
+def deepspeed_stage(accelerator) -> Optional[int]:
+    """ZeRO stage when running under DeepSpeed, else None."""
+    if accelerator is None:
+        return None
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def zero_stage(trainer) -> Optional[int]:
+    """The run's ZeRO stage (None when not DeepSpeed)."""
+    return deepspeed_stage(getattr(trainer, "accelerator", None))
 
 
 def innermost(optimizer):

@@ -32,6 +32,7 @@ from trainer.instruments import metrics as M
 from trainer.instruments.hooks import NeuronHooks, capture_features, measure_neurons
 from trainer.instruments.neuron_stats import flatten_summary
 from trainer.logger import keep_jsonl_rows
+from trainer.optim import zero_stage
 from trainer.instruments.probe import ProbeConfig, delta_auc, fresh_copy, gathered_copy, probe_model
 from trainer.phases import stable_seed
 
@@ -80,8 +81,8 @@ class Instruments(Callback):
         self.fresh_auc: Optional[float] = None
         self._online: Optional[NeuronHooks] = None
         self._online_hooks: Optional[NeuronHooks] = None  # built once, attached only for online steps
-        self._params: List[torch.Tensor] = []
-        self._before: Optional[List[torch.Tensor]] = None
+        self._before: Optional[List[torch.Tensor]] = None  # parameters at the start of an online step
+        self._sharded = False  # ZeRO-3: each rank snapshots only its own shards
 
     # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -113,9 +114,32 @@ class Instruments(Callback):
             if self._online_hooks is None:
                 self._online_hooks = NeuronHooks(trainer.model, token_stride=self.online_token_stride,
                                                  record_pre_activation=False)
-                self._params = list(trainer.unwrapped_model.parameters())
+                self._sharded = zero_stage(trainer) == 3
             self._online = self._online_hooks.start()
-            self._before = torch._foreach_mul(self._params, 1.0)  # one fused copy
+            held = self._held_params(trainer)
+            if self._before is None or [t.shape for t in self._before] != [t.shape for t in held]:
+                self._before = [t.clone() for t in held]
+            else:
+                torch._foreach_copy_(self._before, held)  # into the same buffers every step: no allocation
+
+    def _held_params(self, trainer) -> List[torch.Tensor]:
+        """This rank's values of every parameter, detached: the whole tensor, or under ZeRO-3 only its own
+        shard (outside a forward pass a ZeRO-3 parameter itself is an empty placeholder)."""
+        params = trainer.unwrapped_model.parameters()
+        return [p.ds_tensor.detach() if self._sharded else p.detach() for p in params]
+
+    def _update_norm(self, trainer) -> float:
+        """‖θ_after − θ_before‖ of this step, float64 sum of squares; summed over the shards under ZeRO-3
+        (each rank holds a disjoint shard; shard padding is zero before and after)."""
+        torch._foreach_sub_(self._before, self._held_params(trainer))
+        sq = torch.stack(torch._foreach_norm(self._before)).double().pow(2).sum()
+        if self._sharded:
+            sq = trainer.accelerator.reduce(sq, reduction="sum")
+        return float(sq.sqrt())
+
+    def post_backward(self, trainer) -> None:
+        if self._online is not None:  # online statistics cover this step's training forward passes only
+            self._online.stop()
 
     def post_step(self, trainer, logs: Dict[str, float]) -> None:
         if self.metrics_every and trainer.global_step % self.metrics_every == 0:
@@ -126,8 +150,7 @@ class Instruments(Callback):
         acc = hooks.accumulator.all_reduce()
         values = flatten_summary(acc.summary(self.taus, self.sat_threshold), prefix="online/", include_layers=False)
         acc.reset()
-        values["online/update_norm"] = M.update_norm(self._before, self._params)
-        self._before = None
+        values["online/update_norm"] = self._update_norm(trainer)
         trainer.log(values)
 
     # --- the measurement ------------------------------------------------------------------------
@@ -138,6 +161,8 @@ class Instruments(Callback):
                                acc.process_index, acc.num_processes)
 
     def _model_metrics(self, model, rows: torch.Tensor, sharpness: bool = True) -> Dict[str, float]:
+        model.eval()  # no dropout in what is measured (a fresh copy starts in train mode)
+        rows = rows.to(next(model.parameters()).device)
         out: Dict[str, float] = {"mean_abs_param": M.mean_abs_param(model)}
         # enough sequences for 2x feature_rows tokens, spread evenly over the languages
         feature_rows = spread(rows, max(1, -(-2 * self.feature_rows // (rows.shape[1] - 1))))
