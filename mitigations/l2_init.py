@@ -15,7 +15,7 @@ import torch
 from trainer.callbacks import register
 from trainer.errors import ConfigError
 from mitigations.base import Mitigation
-from mitigations.state_access import innermost
+from trainer.optim import param_groups
 
 
 @register("l2_init")
@@ -35,7 +35,9 @@ class L2Init(Mitigation):
         model = trainer.unwrapped_model
         if self.params == "all":
             return list(model.named_parameters())
-        decay = {id(p) for p in innermost(trainer.optimizer).param_groups[0]["params"]}
+        # the model's own decaying parameters: under ZeRO-1/2 the optimizer's groups hold flat partitions instead
+        o = trainer.phase_cfg.optim
+        decay = {id(p) for p in param_groups(model, o.weight_decay, o.no_decay)[0]["params"]}
         return [(n, p) for n, p in model.named_parameters() if id(p) in decay]
 
     def on_phase_start(self, trainer) -> None:

@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 
 from trainer.callbacks import register
 from trainer.errors import CheckpointError, ConfigError
+from trainer.instruments.callback import pretraining_languages, spread, validation_rows
 from trainer.instruments.probe import gathered_copy
 from mitigations.base import Mitigation, check_boundaries
 from data.packing import rank_share
 from mitigations.neurons import attribution_scores, generator, mlps, reset_units
-from mitigations.redo import measurement_rows
 from mitigations.state_access import StateAccess
 
 
@@ -84,12 +84,19 @@ class Rejuvenation(Mitigation):
                                   f"'{self.base_phase}' (scope it with phases: [...])")
 
     def _batches(self, trainer):
-        """(batches for this rank, loss_fn)."""
+        """(batches for this rank, loss_fn). SFT: the phase's next training micro-batches, peeked (the stream is
+        rewound, so training still sees them). Pretraining and RL: `batches` global micro-batches of held-out
+        validation text (the phase's languages; for RL the run's pretraining languages), split across ranks as
+        the trainer splits a batch; a pretraining phase's stream does not exist yet at its start."""
         runner, mb = trainer.runner, trainer.cfg.trainer.micro_batch_size
-        if trainer.phase_cfg.kind in ("pretrain", "sft"):
-            return [runner.next_batch() for _ in range(self.batches)], lambda m, b: runner.loss(m, b)[0]
+        if trainer.phase_cfg.kind == "sft":
+            state = runner.state_dict()
+            batches = [runner.next_batch() for _ in range(self.batches)]
+            runner.load_state_dict(state)
+            return batches, lambda m, b: runner.loss(m, b)[0]
         acc = trainer.accelerator
-        rows = measurement_rows(trainer, self.batches * acc.num_processes)
+        langs = trainer.phase_cfg.languages if trainer.phase_cfg.kind == "pretrain" else pretraining_languages(trainer.cfg)
+        rows = spread(validation_rows(trainer, list(langs), self.batches), self.batches * mb * acc.num_processes)
         share = rank_share([rows[i:i + mb] for i in range(0, len(rows), mb)], acc.process_index, acc.num_processes)
         batches = [b if counts else b[:0] for b, counts in share]
         dev = acc.device

@@ -27,6 +27,7 @@ from trainer.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTINUAL = Path(__file__).parent / "data" / "continual_tiny.yaml"
+REPO = Path(__file__).resolve().parents[1]
 INSTR = "{name: instruments, probe_steps: 4, probe_eval_every: 2, probe_eval_batches: 1, measure_batches: 1, sharpness_iters: 0, feature_rows: 64}"
 
 
@@ -279,6 +280,45 @@ def test_unsupported_combinations_are_refused(tmp_path, cache_dir):
                                                 callbacks="[{name: rejuvenation, base_phase: pre, phases: [pre]}]"))
     with pytest.raises(ConfigError, match="does not come after"):
         Trainer(cfg).run()
+
+
+def test_rejuvenation_at_the_start_of_a_pretraining_phase(tmp_path, cache_dir):
+    """The shipped config resets at the start of pretraining phase c, before c's data stream exists: the
+    attribution uses held-out validation text of c's languages."""
+    steps = [f"phases.{p}.steps_per_task=3" for p in "abc"]
+    cfg = load_config(REPO / "configs" / "mitigations" / "rejuvenation.yaml",
+                      [f"trainer.run_dir={tmp_path / 'r'}", f"data.cache_dir={cache_dir}", *steps,
+                       "callbacks=[{name: rejuvenation, phases: [c], base_phase: a, reset_fraction: 0.05, batches: 2}]"])
+    assert Trainer(cfg).run() == "done"
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    (rej,) = [r for r in rows if "rejuvenation/reset" in r]
+    assert rej["phase"] == "c" and rej["rejuvenation/reset"] > 0 and rej["rejuvenation/interpolated"] > 0
+
+
+def test_rejuvenation_peeks_sft_batches_without_consuming_them():
+    from data.packing import RowStream
+    from mitigations.rejuvenation import Rejuvenation
+
+    class Runner:  # the SFT runner's stream interface
+        def __init__(self):
+            self.stream = RowStream(torch.arange(40).reshape(20, 2), seed=0)
+
+        def next_batch(self):
+            return self.stream.take(4)
+
+        def state_dict(self):
+            return {"stream": self.stream.state_dict()}
+
+        def load_state_dict(self, state):
+            self.stream.load_state_dict(state["stream"])
+
+    runner = Runner()
+    trainer = SimpleNamespace(runner=runner, phase_cfg=SimpleNamespace(kind="sft"),
+                              cfg=SimpleNamespace(trainer=SimpleNamespace(micro_batch_size=4)))
+    batches, _ = Rejuvenation(alpha=1.0, batches=3)._batches(trainer)
+    assert len(batches) == 3
+    for b in batches:  # training then gets exactly the batches the attribution looked at
+        assert torch.equal(runner.next_batch(), b)
 
 
 REDO_HASH = '''
