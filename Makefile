@@ -49,7 +49,7 @@ pipeline: $(STAMP)  ## continual pretraining -> SFT -> RL on CPU (PIPELINE=confi
 
 study: $(STAMP)  ## run the CPU scaling study (STUDY=configs/study/cpu.yaml, 2 runs at once) and its report
 	$(BIN)/plasticity study run $(STUDY) --parallel 2 $(ARGS)
-	$(BIN)/plasticity report $(STUDY_DIR)
+	$(BIN)/plasticity report $(STUDY) $(foreach w,$(filter-out -%,$(ARGS)),$(if $(findstring =,$(w)),$(w)))
 
 study-tiny: $(STAMP)  ## 3-size smoke study + report -> runs/study/tiny/report/
 	$(BIN)/plasticity study run configs/study/tiny.yaml $(ARGS)

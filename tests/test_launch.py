@@ -7,6 +7,7 @@ Golden files: UPDATE_GOLDEN=1 pytest tests/test_launch.py rewrites tests/golden/
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import signal
 import stat
@@ -18,6 +19,7 @@ from unittest import mock
 import pytest
 
 from launch import slurm
+from trainer import study
 from launch.deepspeed_config import (
     DEEPSPEED_DIR,
     deepspeed_config,
@@ -239,10 +241,18 @@ def test_train_script_contents(workdir):
 
 
 def test_sweep_script_contents(workdir):
-    text = slurm.render_sweep("configs/study.yaml", 5, 3, extra_args=["--dry"])
+    text = slurm.render_sweep("configs/study.yaml", 5, 3, extra_args=["out_dir=/scratch/s", "--retry-failed"])
     assert "#SBATCH --array=0-4%3" in text.splitlines()
-    assert ('srun --kill-on-bad-exit=1 python -m trainer.cli study run configs/study.yaml '
-            '--index "$SLURM_ARRAY_TASK_ID" --dry &') in text
+    line = next(x.strip() for x in text.splitlines() if x.strip().startswith("srun "))
+    assert line == ('srun --kill-on-bad-exit=1 python -m trainer.cli study run configs/study.yaml '
+                    '--index "$SLURM_ARRAY_TASK_ID" out_dir=/scratch/s --retry-failed &')
+    # the words after "trainer.cli study" parse: the overrides after --index reach the study
+    words = shlex.split(line.replace('"$SLURM_ARRAY_TASK_ID"', "3"))[6:-1]
+    args = study.parse_args(words)
+    assert (args.action, args.study, args.index, args.overrides, args.retry_failed) == \
+        ("run", "configs/study.yaml", 3, ["out_dir=/scratch/s"], True)
+    with pytest.raises(SystemExit):
+        study.parse_args(["run", "configs/study.yaml", "--index", "3", "stray"])
 
 
 @pytest.mark.parametrize("kwargs,match", [

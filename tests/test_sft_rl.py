@@ -112,6 +112,22 @@ def test_clipped_objective_matches_hand_computation():
 
 
 # ----------------------------------------------------------------------------- sampling
+def test_sft_evaluation_holds_builtin_and_jsonl_eval_examples(tmp_path, cache_dir):
+    from data.tasks import load_jsonl_examples, split_examples
+    from trainer.sft_phase import SFTRunner
+
+    data = tmp_path / "user.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: echo {i}\nA:", "response": f" {i}"}) + "\n"
+                            for i in range(200)))
+    cfg = load_config(write_cfg(tmp_path, CHAIN), tiny_overrides(tmp_path / "r", cache_dir, **{
+        "phases.sft.sft.data_files": f"[{data}]"}))
+    runner = SFTRunner(Trainer(cfg), "sft", cfg.phases["sft"])
+    user_eval = split_examples(load_jsonl_examples(str(data)), "eval")
+    assert 0 < len(user_eval) < 200
+    assert len(runner.eval_examples) == 8 + len(user_eval)
+    assert [e.prompt for e in runner.eval_examples[8:]] == [e.prompt for e in user_eval]
+
+
 def test_sampling_is_deterministic_for_a_fixed_seed(tmp_path, cache_dir):
     cfg = load_config(write_cfg(tmp_path, CHAIN), tiny_overrides(tmp_path / "run", cache_dir))
     trainer = Trainer(cfg)

@@ -56,6 +56,24 @@ def test_grid_overrides_load_as_run_configs(tmp_path):
     assert cfg.phases["pre"].optim.weight_decay == 0.1 and cfg.callbacks[0]["name"] == "instruments"
 
 
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_recorded_parameter_count_is_the_trained_models(tmp_path, flavour):
+    """P of a preset or numeric size is counted on the model the run builds (the base config's flavour and
+    block size with the size's layer shapes), not on the preset's own config."""
+    from models.gpt import GPT
+    from trainer.config import load_config
+    from trainer.model_setup import resolve_model_config
+
+    base = {**BASE, "model": {"block_size": 32, "flavour": flavour}}
+    st = S.build_study({"name": "t", "base": base, "out_dir": str(tmp_path / "study"),
+                        "grid": {"sizes": ["nano", "tiny", "200k"]}})
+    S._prepare_dirs(st)
+    for r in st.runs:
+        cfg = load_config(st.base_path, r.overrides)
+        model = GPT(resolve_model_config(cfg, vocab_size=cfg.data.vocab_size))
+        assert r.non_embedding_params == model.num_params(), r.name
+
+
 def test_more_grids_union_and_errors(tmp_path):
     raw = {"base": BASE, "out_dir": str(tmp_path), "grid": {"sizes": ["nano"], "seeds": [0, 1]},
            "more_grids": [{"sizes": ["nano", "micro"], "modes": ["stationary"], "seeds": [0]},
@@ -230,6 +248,16 @@ def test_fit_recovers_exponent_within_bootstrap_ci():
     assert one["degenerate"] and one["lo"] == pytest.approx(one["hi"])
 
 
+def test_t_quantile():
+    from trainer.analysis import _t975
+
+    # from t tables (3 decimals)
+    exact = {1: 12.706, 8: 2.306, 11: 2.201, 13: 2.160, 16: 2.120, 25: 2.060, 30: 2.042, 31: 2.040, 40: 2.021,
+             45: 2.014, 60: 2.000, 120: 1.980, 200: 1.972, 10**6: 1.960}
+    assert all(_t975(d) == pytest.approx(t, abs=6e-4) for d, t in exact.items())
+    assert math.isnan(_t975(0))
+
+
 def test_loo_prefers_the_true_model():
     groups = _power_data(b=0.5, noise=0.05)
     P = [p for p, vs in groups.items() for _ in vs]
@@ -323,3 +351,7 @@ def test_tiny_study_end_to_end(tmp_path, cache_dir):
     assert study_report.main([str(st.out_dir)]) == 0
     report = (st.out_dir / "report" / "report.md").read_text()
     assert "3 planned runs; 3 done" in report and (st.out_dir / "report" / "delta_auc_continual.png").is_file()
+    # the same report from the study YAML (what `make study` runs) with its out_dir override
+    assert study_report.main([str(ROOT / "configs/study/tiny.yaml"), f"out_dir={st.out_dir}",
+                              "--out", str(tmp_path / "again")]) == 0
+    assert "3 planned runs; 3 done" in (tmp_path / "again" / "report.md").read_text()

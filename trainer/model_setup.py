@@ -21,15 +21,21 @@ def parse_count(text: str) -> int:
     return int(float(m.group(1)) * _SUFFIX[m.group(2)])
 
 
+def sized(mc: ModelConfig, size: str) -> ModelConfig:
+    """`mc` with the layer shapes of preset `size` or of a parameter target like '1M' (built for mc's
+    flavour, vocabulary and block size); everything else (flavour, norms, tying...) stays mc's."""
+    if size in PRESETS:
+        shape = PRESETS[size]
+    else:
+        shape = config_for_params(parse_count(size), flavour=mc.flavour, vocab_size=mc.vocab_size,
+                                  block_size=mc.block_size)
+    return dataclasses.replace(mc, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                               mlp_hidden=shape.mlp_hidden)
+
+
 def resolve_model_config(cfg: RunConfig, vocab_size: int) -> ModelConfig:
     mc = dataclasses.replace(cfg.model, vocab_size=vocab_size)
     if cfg.model_size:
-        if cfg.model_size in PRESETS:
-            sized = PRESETS[cfg.model_size]
-        else:
-            sized = config_for_params(parse_count(cfg.model_size), flavour=mc.flavour,
-                                      vocab_size=vocab_size, block_size=mc.block_size)
-        mc = dataclasses.replace(mc, n_layer=sized.n_layer, n_head=sized.n_head, n_embd=sized.n_embd,
-                                 mlp_hidden=sized.mlp_hidden)
+        mc = sized(mc, cfg.model_size)
     mc.validate()
     return mc

@@ -77,8 +77,8 @@ class SFTRunner(PhaseRunner):
                                 stable_seed(seed, name, "rows"))
         self.block = block
         eval_families = s.task_families if s.eval_examples > 0 else []
-        self.eval_examples = build_examples(trainer, name, eval_families, s.eval_examples, "eval",
-                                            s.data_files)[:max(s.eval_examples, 0) or None]
+        # eval_examples built-in examples, then every eval-share example of the jsonl files
+        self.eval_examples = build_examples(trainer, name, eval_families, s.eval_examples, "eval", s.data_files)
         if self.eval_examples:
             ev = pack_sft(tok, self.eval_examples, block, order="input")
             self.eval_rows = torch.cat([ev["input_ids"], ev["labels"]], dim=1)

@@ -166,16 +166,17 @@ def _pretrain_phase(scfg: StudyConfig, base: dict) -> str:
 
 
 def _params_of(size: str, base: dict) -> int:
+    """Non-embedding parameters of the model a run of `size` trains: the base config's model section
+    with the layer shapes of `size` (as trainer.model_setup.resolve_model_config builds it)."""
     from models.gpt import ModelConfig
-    from models.sizes import PRESETS, config_for_params, non_embedding_params
-    from trainer.model_setup import parse_count
+    from models.sizes import non_embedding_params
+    from trainer.model_setup import sized
 
-    if size in PRESETS:
-        return non_embedding_params(PRESETS[size])
-    m = base.get("model") or {}
-    mc = config_for_params(parse_count(size), flavour=m.get("flavour", ModelConfig.flavour),
-                           block_size=m.get("block_size", ModelConfig.block_size))
-    return non_embedding_params(mc)
+    try:
+        mc = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), base.get("model") or {}))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"study: the base config's model section: {str(e).splitlines()[0]}") from None
+    return non_embedding_params(sized(mc, size))
 
 
 def expand_grid(scfg: StudyConfig, base: dict, out_dir: Path) -> List[RunSpec]:
@@ -456,8 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """build_parser().parse_args, but key=value overrides may also follow the options (the Slurm array script
+    appends them after --index); argparse alone stops collecting positionals at the first option."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if w.startswith("-") or "=" not in w]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     study = load_study(args.study, args.overrides)
     if args.action == "run":
         runner = subprocess_runner if args.subprocess else None

@@ -320,10 +320,18 @@ def write_report(study_dir: str | Path, out: Optional[str | Path] = None, n_boot
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="plasticity report", description=__doc__.splitlines()[0])
-    p.add_argument("study_dir", help="a study's out_dir (holds runs/)")
+    p.add_argument("study_dir", help="a study's out_dir (holds runs/), or the study's YAML file")
+    p.add_argument("overrides", nargs="*", help="with a study YAML: its key=value overrides (e.g. out_dir=...)")
     p.add_argument("--out", default=None, help="output folder (default STUDY_DIR/report)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     args = p.parse_args(argv)
-    path = write_report(args.study_dir, args.out, args.bootstrap)
+    study_dir = args.study_dir
+    if Path(study_dir).is_file():  # a study config: report its out_dir
+        from trainer.study import load_study
+
+        study_dir = load_study(study_dir, args.overrides).out_dir
+    elif args.overrides:
+        p.error("key=value overrides need a study YAML, not a directory")
+    path = write_report(study_dir, args.out, args.bootstrap)
     print(f"report written to {path}")
     return 0
