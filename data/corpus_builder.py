@@ -402,6 +402,9 @@ def _licenses_md(trees: dict[str, PackageTree], probe_langs) -> str:
         "here under the GPL; its source is the Debian source packages of the same names",
         "and versions (`apt-get source installation-guide debian-handbook`).",
         "",
+        "Full licence texts: `licenses/MPL-2.0` and `licenses/GPL-2` (copied from Debian's",
+        "`/usr/share/common-licenses`).",
+        "",
     ]
     return "\n".join(lines)
 
@@ -572,6 +575,9 @@ def _build(out_dir, languages, probe_languages, debs_dir, work_dir, download_dir
     lic = _licenses_md(trees, probe_languages).encode("utf-8")
     with open(os.path.join(out_dir, "LICENSES.md"), "wb") as f:
         f.write(lic)
+    texts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "licenses")
+    if os.path.abspath(out_dir) != os.path.dirname(texts):  # the full licence texts LICENSES.md points to
+        shutil.copytree(texts, os.path.join(out_dir, "licenses"), dirs_exist_ok=True)
     manifest["files"]["LICENSES.md"] = {
         "sources": [], "bytes": len(lic), "raw_bytes": len(lic),
         "lines": lic.count(b"\n"), "sha256": hashlib.sha256(lic).hexdigest(),

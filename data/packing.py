@@ -15,15 +15,13 @@ import numpy as np
 import torch
 from datasets import Dataset, disable_progress_bars
 
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, texts_digest
 from trainer.errors import DataError
 
 
 def tokenize_to_array(tok: Tokenizer, texts: Sequence[str], cache_dir: str | Path | None = None) -> np.ndarray:
     """All texts as one token stream, each document followed by EOS (int32), cached on disk."""
-    key = hashlib.sha256(tok.fingerprint().encode())
-    for t in texts:
-        key.update(t.encode("utf-8") + b"\n")
+    key = texts_digest(hashlib.sha256(tok.fingerprint().encode()), texts)
     path = Path(cache_dir) / "tokens" / f"{key.hexdigest()[:20]}.npy" if cache_dir else None
     if path is not None and path.is_file():
         return np.load(path)

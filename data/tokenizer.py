@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
 import sentencepiece as spm
 
-from trainer.errors import DataError
+from trainer.errors import ConfigError, DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-_TRAINER_VERSION = "spm-unigram-v1"  # bump when training options change so caches are not reused
+_TRAINER_VERSION = "spm-unigram-v2"  # bump when training options change so caches are not reused
 
 
 class Tokenizer:
@@ -40,12 +39,17 @@ class Tokenizer:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
 
 
-def _content_hash(texts: Sequence[str], vocab_size: int) -> str:
-    h = hashlib.sha256(f"{_TRAINER_VERSION}|{vocab_size}|".encode())
+def texts_digest(h, texts: Sequence[str]):
+    """Feed texts into hash `h` unambiguously: each one length-prefixed, so ["a\nb"] != ["a", "b"]."""
     for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()[:20]
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h
+
+
+def _content_hash(texts: Sequence[str], vocab_size: int) -> str:
+    return texts_digest(hashlib.sha256(f"{_TRAINER_VERSION}|{vocab_size}|".encode()), texts).hexdigest()[:20]
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: str | Path) -> Tokenizer:
@@ -62,12 +66,12 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: str | Path
     target = cache / f"{_content_hash(texts, vocab_size)}.model"
     if target.is_file():
         return Tokenizer(target)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        prefix = os.path.join(tmp, "sp")
-        spm.set_random_generator_seed(1234)
+    model = io.BytesIO()  # written to memory, not to a temp path that would end up inside the model file
+    spm.set_random_generator_seed(1234)
+    try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
-            model_prefix=prefix,
+            model_writer=model,
             vocab_size=vocab_size,
             model_type="unigram",
             byte_fallback=True,  # any UTF-8 text (e.g. the held-out Vietnamese probe) is encodable
@@ -78,6 +82,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: str | Path
             max_sentence_length=8192,
             minloglevel=2,
         )
-        shutil.move(prefix + ".model", target.with_suffix(".tmp"))
-        os.replace(target.with_suffix(".tmp"), target)
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars. 512 vs 969"
+        raise ConfigError(f"config key 'data.vocab_size': {vocab_size} does not fit the tokenizer's training text: "
+                          f"{str(e).split('] ')[-1].splitlines()[0]}") from None
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, target)
     return Tokenizer(target)

@@ -298,6 +298,16 @@ def test_bundled_files_are_utf8_and_match_manifest():
     assert total <= 4_000_000
 
 
+def test_bundled_licence_texts():
+    """GPL-2 section 1 and MPL-2.0 section 3.1 require a copy of the licence next to the redistributed text."""
+    d = corpus.DEFAULT_CORPUS_DIR
+    notice = open(os.path.join(d, "LICENSES.md"), encoding="utf-8").read()
+    for name, title in (("GPL-2", "GNU GENERAL PUBLIC LICENSE"), ("MPL-2.0", "Mozilla Public License Version 2.0")):
+        assert f"licenses/{name}" in notice
+        with open(os.path.join(d, "licenses", name), encoding="utf-8") as f:
+            assert title in f.read(200)
+
+
 def test_bundled_parallel_pairs():
     rows = corpus.load_parallel()
     assert len(rows) > 500
