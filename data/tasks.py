@@ -269,7 +269,8 @@ def mine_pairs(parallel: Iterable[dict], src: str | None = None, tgt: str | None
 
 class TranslateTask(Task):
     """"Q: translate en to fr: Good morning.\\nA:" -> " Bonjour." with pairs mined from a parallel corpus.
-    The split is by corpus row id, so no paragraph appears in both train and eval in any direction.
+    The split is by group of corpus rows (rows sharing any text are one group), so no paragraph appears in
+    both train and eval in any direction.
     Partial credit: bag-of-characters F1."""
 
     name = "translate"
@@ -280,6 +281,7 @@ class TranslateTask(Task):
         self.parallel = parallel
         self.pairs = mine_pairs(parallel, src, tgt, self.max_chars) if parallel is not None else None
         self._split_pools: dict = {}
+        self._groups = None
 
     def with_parallel(self, parallel: Sequence[dict]) -> "TranslateTask":
         return TranslateTask(parallel, self.src, self.tgt, self.max_chars)
@@ -295,22 +297,43 @@ class TranslateTask(Task):
             return self.pairs
         key = (split, eval_fraction)
         if key not in self._split_pools:
-            # Rank row ids by hash; the first ceil(frac * n_ids) go to eval (at least one, and at least one
-            # id stays in train when there are two or more), so tiny corpora still get both splits.
-            ids = sorted({p[0] for p in self.pairs},
+            # Rank row groups by hash; the first ceil(frac * n_groups) go to eval (at least one, and at least
+            # one group stays in train when there are two or more), so tiny corpora still get both splits.
+            group = self._row_groups()
+            ids = sorted(set(group.values()),
                          key=lambda r: hashlib.blake2b(f"translate|{r}".encode(), digest_size=8).digest())
             n_eval = min(max(1, math.ceil(eval_fraction * len(ids))), max(len(ids) - 1, 1))
             eval_ids = set(ids[:n_eval])
-            pool = [p for p in self.pairs if (p[0] in eval_ids) == (split == "eval")]
+            pool = [p for p in self.pairs if (group[p[0]] in eval_ids) == (split == "eval")]
             if not pool:
                 raise DataError(f"task 'translate': parallel corpus too small for a {split} split "
-                                f"({len(ids)} usable rows)")
+                                f"({len(ids)} usable row groups)")
             self._split_pools[key] = pool
         return self._split_pools[key]
 
+    def _row_groups(self) -> dict:
+        """row id -> its group's smallest row id. Rows that share a text in any language (the same paragraph
+        on several help pages) are one group, so no text can land in both splits."""
+        if self._groups is None:
+            parent: dict = {}
+
+            def find(r):
+                while parent.setdefault(r, r) != r:
+                    parent[r] = parent[parent[r]]
+                    r = parent[r]
+                return r
+            first_row = {}  # (lang, text) -> the first row that has it
+            for rid, s, t, s_text, t_text in self.pairs:
+                for key in ((s, s_text), (t, t_text)):
+                    a, b = find(rid), find(first_row.setdefault(key, rid))
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+            self._groups = {r: find(r) for r in list(parent)}
+        return self._groups
+
     def _make(self, pair) -> Example:
         rid, s, t, s_text, t_text = pair
-        return self._example(f"translate {s} to {t}: {s_text}", t_text, group=f"translate|{rid}",
+        return self._example(f"translate {s} to {t}: {s_text}", t_text, group=f"translate|{self._row_groups()[rid]}",
                              id=rid, src=s, tgt=t)
 
     def sample(self, rng):

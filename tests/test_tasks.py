@@ -187,6 +187,22 @@ def test_train_eval_disjoint(spec):
         assert not any((e.meta["b"], e.meta["a"]) in seen for e in ev)
 
 
+def test_translate_rows_sharing_a_text_stay_in_one_split():
+    """A paragraph repeated on several help pages (different rows) must not be in both splits."""
+    from data.corpus import load_parallel
+
+    rows = [{"id": f"r{i}", "en": f"sentence {i}", "fr": f"phrase {i}"} for i in range(40)]
+    rows += [{"id": f"dup{i}", "en": f"other {i}", "fr": f"phrase {i}"} for i in range(40)]  # same fr as r{i}
+    t = tasks.TranslateTask(rows)
+    for i in range(40):
+        assert t._row_groups()[f"dup{i}"] == t._row_groups()[f"r{i}"]
+    for parallel in (rows, load_parallel()):  # and on the bundled corpus
+        t = tasks.TranslateTask(parallel)
+        tr, ev = t._pool("train", 0.1), t._pool("eval", 0.1)
+        texts = lambda pool: {(p[1], p[3]) for p in pool} | {(p[2], p[4]) for p in pool}  # noqa: E731
+        assert tr and ev and not texts(tr) & texts(ev)
+
+
 def test_train_eval_disjoint_across_seeds():
     train = {e.prompt for s in range(3) for e in make_examples(BUILTIN, 200, seed=s)}
     ev = {e.prompt for s in range(3) for e in make_examples(BUILTIN, 100, seed=s, split="eval")}
