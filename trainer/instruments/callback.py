@@ -82,6 +82,7 @@ class Instruments(Callback):
         self._online: Optional[NeuronHooks] = None
         self._online_hooks: Optional[NeuronHooks] = None  # built once, attached only for online steps
         self._before: Optional[List[torch.Tensor]] = None  # parameters at the start of an online step
+        self._params: List[torch.Tensor] = []
         self._sharded = False  # ZeRO-3: each rank snapshots only its own shards
 
     # --- state ------------------------------------------------------------------------------
@@ -115,23 +116,23 @@ class Instruments(Callback):
                 self._online_hooks = NeuronHooks(trainer.model, token_stride=self.online_token_stride,
                                                  record_pre_activation=False)
                 self._sharded = zero_stage(trainer) == 3
+                self._params = list(trainer.unwrapped_model.parameters())  # unwrapping costs ~1 ms: once
             self._online = self._online_hooks.start()
-            held = self._held_params(trainer)
+            held = self._held_params()
             if self._before is None or [t.shape for t in self._before] != [t.shape for t in held]:
                 self._before = [t.clone() for t in held]
             else:
                 torch._foreach_copy_(self._before, held)  # into the same buffers every step: no allocation
 
-    def _held_params(self, trainer) -> List[torch.Tensor]:
+    def _held_params(self) -> List[torch.Tensor]:
         """This rank's values of every parameter, detached: the whole tensor, or under ZeRO-3 only its own
         shard (outside a forward pass a ZeRO-3 parameter itself is an empty placeholder)."""
-        params = trainer.unwrapped_model.parameters()
-        return [p.ds_tensor.detach() if self._sharded else p.detach() for p in params]
+        return [p.ds_tensor.detach() if self._sharded else p.detach() for p in self._params]
 
     def _update_norm(self, trainer) -> float:
         """‖θ_after − θ_before‖ of this step, float64 sum of squares; summed over the shards under ZeRO-3
         (each rank holds a disjoint shard; shard padding is zero before and after)."""
-        torch._foreach_sub_(self._before, self._held_params(trainer))
+        torch._foreach_sub_(self._before, self._held_params())
         sq = torch.stack(torch._foreach_norm(self._before)).double().pow(2).sum()
         if self._sharded:
             sq = trainer.accelerator.reduce(sq, reduction="sum")
