@@ -89,4 +89,9 @@ def config_for_params(target: float, flavour: str = "gpt2", vocab_size: int = 20
             score = (0, abs(math.log((d / L) / aspect)), err) if ok else (1, err, 0.0)
             if best is None or score < best[0]:
                 best = (score, cfg)
+    if best is None:  # even the smallest candidate is over 4x the target at every depth
+        smallest = ModelConfig(flavour=flavour, vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=1,
+                               n_embd=widths[0], **overrides)
+        raise ConfigError(f"config key 'model_size': no model has about {target:g} non-embedding parameters "
+                          f"(the smallest, 1 layer of width {widths[0]}, has {non_embedding_params(smallest)})")
     return best[1].validate()

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reliability_helpers import (CONTINUAL, cli_env, corpus_dir, hooks_path, last_step, loss_trajectory,  # noqa: F401
-                                 metric_rows, overrides, phase_weights, run_train, same_weights, sigkill,
-                                 start_train, tree_hashes, wait_for)
+import reliability_helpers
+from reliability_helpers import (CONTINUAL, cli_env, last_step, loss_trajectory, metric_rows, overrides,
+                                 phase_weights, run_train, same_weights, sigkill, start_train, tree_hashes, wait_for)
 from conftest import StopAt
 from trainer import checkpoint
 from trainer.callbacks import Callback
@@ -27,6 +27,10 @@ from trainer.config import load_config
 from trainer.errors import CheckpointError, UserError
 from trainer.loop import NonFiniteError, Trainer
 from trainer.rundir import RunLock
+
+# Fixtures shared with reliability_helpers, requested by name (an assignment, so that pyflakes does not
+# report every test argument as redefining an unused import).
+corpus_dir, hooks_path = reliability_helpers.corpus_dir, reliability_helpers.hooks_path
 
 STEPS = 18  # continual_tiny: 3 tasks x 6 steps; task boundaries after steps 6 and 12
 
@@ -37,7 +41,7 @@ def ckpt_dir(run, step):
 
 # --- shared runs ----------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def straight_run(tmp_path_factory, cache_dir, corpus_dir):  # noqa: F811
+def straight_run(tmp_path_factory, cache_dir, corpus_dir):
     """One uninterrupted run of the CLI: the reference for every bit-exact comparison."""
     run = tmp_path_factory.mktemp("rel-straight") / "run"
     r = run_train(CONTINUAL, overrides(run, cache_dir, corpus_dir), cli_env())
@@ -48,7 +52,7 @@ def straight_run(tmp_path_factory, cache_dir, corpus_dir):  # noqa: F811
 
 
 @pytest.fixture(scope="session")
-def done_run(tmp_path_factory, cache_dir, corpus_dir):  # noqa: F811
+def done_run(tmp_path_factory, cache_dir, corpus_dir):
     """A finished in-process run with 3 checkpoints kept (copied, never modified, by tests)."""
     run = tmp_path_factory.mktemp("rel-done") / "run"
     cfg = load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir, **{"trainer.keep_checkpoints": 3}))
@@ -66,7 +70,7 @@ def copy_run(src, dst):
 
 # --- 1. SIGKILL anywhere --------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_anywhere_resumes_bit_exact(tmp_path, cache_dir, corpus_dir, hooks_path, straight_run):  # noqa: F811
+def test_sigkill_anywhere_resumes_bit_exact(tmp_path, cache_dir, corpus_dir, hooks_path, straight_run):
     run = tmp_path / "run"
     ovr = overrides(run, cache_dir, corpus_dir)
     env = cli_env(hooks_path, step_delay=0.05, ckpt_delay=0.25)
@@ -113,7 +117,7 @@ def test_sigkill_anywhere_resumes_bit_exact(tmp_path, cache_dir, corpus_dir, hoo
 # --- 2. graceful stop -------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_checkpoints_and_exits_0(tmp_path, cache_dir, corpus_dir, hooks_path, straight_run, sig):  # noqa: F811
+def test_signal_checkpoints_and_exits_0(tmp_path, cache_dir, corpus_dir, hooks_path, straight_run, sig):
     run = tmp_path / "run"
     ovr = overrides(run, cache_dir, corpus_dir)
     log = tmp_path / "stop.log"
@@ -136,7 +140,7 @@ def test_signal_checkpoints_and_exits_0(tmp_path, cache_dir, corpus_dir, hooks_p
 
 
 # --- 3. integrity -----------------------------------------------------------------------------
-def test_corrupt_and_truncated_checkpoints_fall_back(tmp_path, cache_dir, corpus_dir, done_run, straight_run,  # noqa: F811
+def test_corrupt_and_truncated_checkpoints_fall_back(tmp_path, cache_dir, corpus_dir, done_run, straight_run,
                                                      capsys):
     run = copy_run(done_run, tmp_path / "run")
     c14, c16, c18 = (ckpt_dir(run, s) for s in (14, 16, 18))
@@ -179,7 +183,7 @@ def test_half_written_checkpoints_are_never_valid(tmp_path, done_run):
         checkpoint.load(None, no_manifest)
 
 
-def test_pruning_happens_only_after_the_new_checkpoint_is_complete(tmp_path, cache_dir, corpus_dir,  # noqa: F811
+def test_pruning_happens_only_after_the_new_checkpoint_is_complete(tmp_path, cache_dir, corpus_dir,
                                                                   monkeypatch):
     run = tmp_path / "run"
     seen = []
@@ -210,7 +214,7 @@ class Evil:
 
 
 @pytest.mark.parametrize("victim", ["optimizer.bin", "callbacks.pt", "random_states_0.pkl"])
-def test_malicious_pickle_is_refused_not_executed(tmp_path, cache_dir, corpus_dir, victim):  # noqa: F811
+def test_malicious_pickle_is_refused_not_executed(tmp_path, cache_dir, corpus_dir, victim):
     run = tmp_path / "run"
     cfg = load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir))
     assert Trainer(cfg, [StopAt(4)]).run() == "preempted"
@@ -251,7 +255,7 @@ class NaNAt(Callback):
             self.unchanged[trainer.global_step] = all(torch.equal(self._before[k], after[k]) for k in after)
 
 
-def test_nan_steps_are_skipped_and_counted(tmp_path, cache_dir, corpus_dir):  # noqa: F811
+def test_nan_steps_are_skipped_and_counted(tmp_path, cache_dir, corpus_dir):
     run = tmp_path / "run"
     nan = NaNAt([3, 8])
     cfg = load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir, **{"trainer.max_nonfinite_steps": 2}))
@@ -263,7 +267,7 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, cache_dir, corpus_dir):  # 
     assert all(torch.isfinite(w).all() for w in phase_weights(run).values())
 
 
-def test_too_many_nan_steps_stop_with_last_good_checkpoint(tmp_path, cache_dir, corpus_dir):  # noqa: F811
+def test_too_many_nan_steps_stop_with_last_good_checkpoint(tmp_path, cache_dir, corpus_dir):
     run = tmp_path / "run"
     cfg = load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir, **{"trainer.max_nonfinite_steps": 2}))
     with pytest.raises(NonFiniteError) as info:
@@ -286,7 +290,7 @@ def _enospc(path):
 
 
 @pytest.mark.parametrize("where", ["torch.save", "safetensors", "os.replace"])
-def test_failed_checkpoint_write_keeps_previous(tmp_path, cache_dir, corpus_dir, monkeypatch, capsys, where):  # noqa: F811
+def test_failed_checkpoint_write_keeps_previous(tmp_path, cache_dir, corpus_dir, monkeypatch, capsys, where):
     import accelerate.utils.other as acc_other
     run = tmp_path / "run"
     target = "step_00000008"
@@ -318,7 +322,49 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, cache_dir, corpus_dir,
     assert "resumed from" in capsys.readouterr().out
 
 
-def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path, cache_dir, corpus_dir, capsys):  # noqa: F811
+@pytest.mark.parametrize("where", ["torch.save", "safetensors"])
+def test_full_disk_non_oserror_is_a_clear_error(tmp_path, cache_dir, corpus_dir, monkeypatch, capsys, where):
+    """On a really full disk torch.save raises RuntimeError and safetensors a SafetensorError."""
+    import accelerate.utils.other as acc_other
+    from safetensors import SafetensorError
+    run = tmp_path / "run"
+    target = "step_00000008"
+    real, exc = (torch.save, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 70784")) \
+        if where == "torch.save" else (acc_other.safe_save_file, SafetensorError("Error while serializing: IoError"))
+
+    def fake(obj, path, *args, **kwargs):
+        if target in str(path):
+            raise exc
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(*(torch, "save") if where == "torch.save" else (acc_other, "safe_save_file"), fake)
+    capsys.readouterr()
+    assert cli_main(["train", str(CONTINUAL), *overrides(run, cache_dir, corpus_dir)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("plasticity: error: could not write checkpoint"), err
+    assert target in err[0] and "is the disk full?" in err[0], err
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_00000004", "step_00000006"]  # no .tmp-step_00000008 left behind
+
+
+def test_failed_phase_export_write_is_a_clear_error(tmp_path, cache_dir, corpus_dir, monkeypatch):
+    import trainer.loop as loop
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"partial")  # a real full disk leaves a partial temp file
+        raise SafetensorError("Error while serializing: IoError")
+
+    monkeypatch.setattr(loop, "save_file", full)
+    run = tmp_path / "run"
+    cfg = load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir))
+    with pytest.raises(CheckpointError, match=r"could not write the model of phase 'pre'.*IoError"):
+        Trainer(cfg).run()
+    assert not list((run / "phases" / "pre").iterdir())  # no temp file left
+    assert checkpoint.verify(ckpt_dir(run, 16)) is None  # the last checkpoint is intact
+
+
+def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path, cache_dir, corpus_dir, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoints").write_text("not a directory")  # runs as root: chmod would not stop writes
@@ -331,7 +377,7 @@ def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path, cache_dir, corpus_
 
 # --- 6. bad input -----------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def midway_run(tmp_path_factory, cache_dir, corpus_dir):  # noqa: F811
+def midway_run(tmp_path_factory, cache_dir, corpus_dir):
     """A run preempted at step 4 whose languages are user data files (copied by each case)."""
     root = tmp_path_factory.mktemp("rel-midway")
     files = []
@@ -405,6 +451,20 @@ BAD = {
     "rl_prompts_vs_world": ("phases:\n  r: {kind: rl, steps: 2, rl: {prompts_per_step: 8}}\n", [],
                             "phases.r.rl.prompts_per_step", "world3"),
     "missing_config_file": ("missing", [], "nope.yaml", None),
+    "phases_as_list": ("phases:\n  - {kind: pretrain}\n", [], "'phases'", None),
+    "callbacks_as_mapping": ("continual", ["callbacks={name: redo}"], "'callbacks'", None),
+    "unresolvable_interpolation": ("continual", ["trainer.run_dir={tmp}/r_${nope}"], "trainer.run_dir", None),
+    "run_dir_is_a_file": ("continual", [], "trainer.run_dir", "run_is_file"),
+    "init_from_not_safetensors": ("continual", ["phases.pre.init_from={tmp}/junk.safetensors"], "junk.safetensors",
+                                  "junk"),
+    "model_size_too_small": ("continual", ["model_size=10"], "model_size", None),
+    "duplicate_yaml_key": ("phases:\n  p: {kind: pretrain}\n  q: {kind: sft, steps: 2}\n  p: {kind: pretrain}\n",
+                           [], "phases.p", None),
+    "callback_unknown_phase": ("continual", ["callbacks=[{name: redo, phases: [pretrian]}]"],
+                               "callbacks.0.phases", None),
+    "later_phase_no_decay": ("phases:\n  a: {kind: pretrain}\n  b: {kind: pretrain, optim: {no_decay: []}}\n", [],
+                             "phases.b.optim.no_decay", None),
+    "zero_log_interval": ("continual", ["trainer.log_interval=0"], "trainer.log_interval", None),
     # cases against an existing run dir (a run stopped at step 4, languages given as files)
     "other_config_no_force": ("midway", ["phases.pre.optim.lr=0.5"], "different config", None),
     "resume_never_with_ckpts": ("midway", ["trainer.resume=never"], "trainer.resume=never", None),
@@ -417,7 +477,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exit_2_one_line_nothing_changed(case, tmp_path, cache_dir, corpus_dir, midway_run,  # noqa: F811
+def test_bad_input_exit_2_one_line_nothing_changed(case, tmp_path, cache_dir, corpus_dir, midway_run,
                                                    capsys, monkeypatch):
     source, extra, culprit, setup = BAD[case]
     run = tmp_path / "run"
@@ -429,7 +489,7 @@ def test_bad_input_exit_2_one_line_nothing_changed(case, tmp_path, cache_dir, co
         cfg = tmp_path / "nope.yaml"
     else:
         cfg = _yaml(tmp_path, source)
-    ovr = overrides(run, cache_dir, corpus_dir) + extra
+    ovr = overrides(run, cache_dir, corpus_dir) + [e.replace("{tmp}", str(tmp_path)) for e in extra]
     lock = None
     if setup == "world3":
         monkeypatch.setenv("WORLD_SIZE", "3")
@@ -443,6 +503,10 @@ def test_bad_input_exit_2_one_line_nothing_changed(case, tmp_path, cache_dir, co
         (data / "fr.txt").unlink()
     elif setup == "tokenizer":
         _case_other_tokenizer(tmp_path, run, cache_dir)
+    elif setup == "run_is_file":
+        run.write_text("not a run dir")
+    elif setup == "junk":
+        (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01junk")
     before = tree_hashes(run)
     capsys.readouterr()
     try:
@@ -458,10 +522,39 @@ def test_bad_input_exit_2_one_line_nothing_changed(case, tmp_path, cache_dir, co
     assert {k: after.get(k) for k in before} == before  # every file already there is byte-identical
     if source != "midway":
         assert not checkpoint.checkpoint_dirs(run)
+    if setup == "run_is_file":
+        assert run.read_text() == "not a run dir"
+
+
+def test_corrupt_explicit_resume_changes_nothing(tmp_path, cache_dir, corpus_dir, done_run, capsys):
+    run = copy_run(done_run, tmp_path / "run")
+    (run / ".lock").write_text("4242")  # as left by the process that wrote the run
+    bad = ckpt_dir(run, 18)
+    blob = bad / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    before = tree_hashes(run)
+    capsys.readouterr()
+    ovr = overrides(run, cache_dir, corpus_dir, **{"trainer.keep_checkpoints": 3, "trainer.resume": bad})
+    assert cli_main(["train", str(CONTINUAL), *ovr]) == 2
+    assert tree_hashes(run) == before  # config.yaml, .lock and every other file untouched, nothing new
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer.resume" in err[0] and str(bad) in err[0] and "checksum" in err[0], err
+
+
+def test_bad_export_out_is_a_clear_error(tmp_path, done_run, capsys):
+    out = tmp_path / "model.bin"
+    out.write_text("precious")
+    capsys.readouterr()
+    assert cli_main(["export", str(done_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and str(out) in err[0], err
+    assert out.read_text() == "precious"
 
 
 @pytest.mark.slow
-def test_bad_input_through_a_real_process(tmp_path, cache_dir, corpus_dir):  # noqa: F811
+def test_bad_input_through_a_real_process(tmp_path, cache_dir, corpus_dir):
     """The same contract across the process boundary: exit status 2, one line on stderr."""
     r = run_train(CONTINUAL, overrides(tmp_path / "run", cache_dir, corpus_dir) + ["phases.pre.optim.lr=-1"],
                   cli_env())
@@ -469,7 +562,7 @@ def test_bad_input_through_a_real_process(tmp_path, cache_dir, corpus_dir):  # n
     assert not (tmp_path / "run").exists()
 
 
-def test_replayed_steps_are_not_logged_twice(tmp_path, cache_dir, corpus_dir):  # noqa: F811
+def test_replayed_steps_are_not_logged_twice(tmp_path, cache_dir, corpus_dir):
     run = tmp_path / "run"
     cfg = lambda: load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir))  # noqa: E731
     assert Trainer(cfg(), [StopAt(5)]).run() == "preempted"
@@ -477,3 +570,15 @@ def test_replayed_steps_are_not_logged_twice(tmp_path, cache_dir, corpus_dir):  
     assert Trainer(cfg()).run() == "done"
     steps = [r["step"] for r in metric_rows(run) if "train/loss" in r]
     assert steps == list(range(1, STEPS + 1))
+
+
+def test_restart_without_checkpoint_logs_each_step_once(tmp_path, cache_dir, corpus_dir):
+    run = tmp_path / "run"
+    cfg = lambda: load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir))  # noqa: E731
+    assert Trainer(cfg(), [StopAt(3)]).run() == "preempted"
+    shutil.rmtree(run / "checkpoints")  # as if killed after step 3, before the first checkpoint
+    (run / "boundaries.jsonl").write_text('{"boundary": 0, "label": "init", "global_step": 0}\n')
+    assert Trainer(cfg()).run() == "done"
+    steps = [r["step"] for r in metric_rows(run) if "train/loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+    assert (run / "boundaries.jsonl").read_text() == ""  # would be measured again by the instruments

@@ -51,6 +51,8 @@ def test_overrides_reach_phase_sections(tmp_path):
     ("phases.p.mode=random", "phases.p.mode"),
     ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
     ("phases.p.weights=[1.0]", "phases.p.weights"),
+    ("trainer.log_interval=0", "trainer.log_interval"),
+    ("model_size=10", "model_size"),
 ])
 def test_impossible_values(tmp_path, override, key):
     p = write_cfg(tmp_path, "phases:\n  p: {kind: pretrain, languages: [en, fr]}\n")
@@ -63,6 +65,27 @@ def test_cli_bad_key_exit_2_one_line(tmp_path, capsys):
     rc = cli_main(["train", str(p), "trainer.lr=1", f"trainer.run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "trainer.lr" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_duplicate_yaml_key_is_refused(tmp_path):
+    p = write_cfg(tmp_path, "phases:\n  pre: {kind: pretrain}\n  sft: {kind: sft, steps: 3}\n  pre: {kind: pretrain}\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: duplicate key 'phases\.pre' \(line 4\)"):
+        load_config(p)
+
+
+def test_later_phase_no_decay_must_match_the_first(tmp_path):
+    p = write_cfg(tmp_path, "phases:\n  a: {kind: pretrain, optim: {no_decay: [norm]}}\n  b: {kind: sft, steps: 3}\n")
+    with pytest.raises(ConfigError, match=r"phases\.b\.optim\.no_decay.*fixed for the whole run"):
+        load_config(p)
+    assert load_config(p, ["phases.b.optim.no_decay=[norm]"]).phases["b"].optim.no_decay == ["norm"]
+
+
+def test_model_size_too_small_fails_before_the_run_dir_exists(tmp_path, capsys):
+    p = write_cfg(tmp_path, "phases:\n  p: {kind: pretrain}\n")
+    assert cli_main(["train", str(p), "model_size=10", f"trainer.run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model_size" in err[0], err
     assert not (tmp_path / "run").exists()
 
 
@@ -181,6 +204,22 @@ def test_run_dir_with_other_config_is_refused(tmp_path, cache_dir):
     before = (run / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="different config"):
         Trainer(continual_cfg(run, cache_dir, **{"phases.pre.optim.lr": 0.5}))
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_reordered_phases_are_a_different_config(tmp_path, cache_dir, capsys):
+    a = "  a: {kind: pretrain, mode: continual, languages: [en], steps_per_task: 3, optim: {lr: 0.01}}\n"
+    b = "  b: {kind: pretrain, mode: continual, languages: [fr], steps_per_task: 3, optim: {lr: 0.001}}\n"
+    ab, ba = tmp_path / "ab.yaml", tmp_path / "ba.yaml"
+    ab.write_text("phases:\n" + a + b)
+    ba.write_text("phases:\n" + b + a)
+    run = tmp_path / "r"
+    assert Trainer(load_config(ab, tiny_overrides(run, cache_dir)), [StopAt(2)]).run() == "preempted"
+    before = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    assert cli_main(["train", str(ba), *tiny_overrides(run, cache_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sections differ: phases" in err[0], err
     assert (run / "config.yaml").read_text() == before
 
 

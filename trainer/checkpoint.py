@@ -24,12 +24,25 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError
 
 from trainer.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 CALLBACK_STATE = "callbacks.pt"
+# What a failing write raises: OSError, but on a really full disk torch.save raises RuntimeError
+# ("unexpected pos ...") and safetensors its own SafetensorError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def write_failure(e: BaseException, default_path) -> str:
+    """'reason (path)' for a failed write, on one line."""
+    if isinstance(e, OSError):
+        reason = e.strerror or errno.errorcode.get(e.errno or 0, "") or str(e) or type(e).__name__
+        return f"{reason} ({e.filename or default_path})"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{first}; is the disk full? ({default_path})"
 
 
 def _sha256(path: Path) -> str:
@@ -117,12 +130,10 @@ def save(trainer, state: dict, callback_state: dict) -> Path:
             else:
                 os.replace(tmp, final)
             _fsync_dir(root)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         if acc.is_main_process and tmp.parent.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-        culprit = e.filename or tmp
-        reason = e.strerror or errno.errorcode.get(e.errno or 0, "") or str(e) or type(e).__name__
-        raise CheckpointError(f"could not write checkpoint {final}: {reason} ({culprit}); "
+        raise CheckpointError(f"could not write checkpoint {final}: {write_failure(e, tmp)}; "
                               f"earlier checkpoints in {root} are left intact") from None
     if acc.is_main_process:
         _prune(root, keep=trainer.cfg.trainer.keep_checkpoints)

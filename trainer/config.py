@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from models.gpt import ModelConfig
@@ -143,11 +143,53 @@ def _read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level")
+    _reject_duplicate_keys(yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader), path)
     return loaded
+
+
+def _reject_duplicate_keys(node, path: Path, prefix: str = "") -> None:
+    """yaml.safe_load keeps the last of two equal keys, silently dropping e.g. a whole phase."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, path, f"{prefix}{i}.")
+    elif isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<":
+                if key in seen:
+                    raise ConfigError(f"config file {path}: duplicate key '{prefix}{key}' "
+                                      f"(line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            _reject_duplicate_keys(value_node, path, f"{prefix}{key}.")
 
 
 def _key_of(e: OmegaConfBaseException) -> str:
     return str(getattr(e, "full_key", "") or getattr(e, "key", "") or "?")
+
+
+def _check_shapes(schema: DictConfig, src: dict, origin: str, prefix: str = "") -> None:
+    """A list where the schema has a mapping (or the reverse) fails here naming its key: OmegaConf's own
+    error for it is a TypeError without a key (or a '?')."""
+    element = schema._metadata.element_type  # Dict[str, PhaseConfig]: the schema of a new phase
+    for k, v in src.items():
+        key = f"{prefix}{k}"
+        try:
+            node = schema._get_node(k)
+        except OmegaConfBaseException:  # an unknown key: named by the merge
+            continue
+        if node is None and dataclasses.is_dataclass(element):
+            node = OmegaConf.structured(element)
+        if v is None or (isinstance(v, str) and "${" in v):
+            continue
+        if isinstance(node, DictConfig) and not isinstance(v, dict):
+            raise ConfigError(f"bad value for config key '{key}' (from {origin}): must be a mapping, "
+                              f"got {type(v).__name__} {v!r}")
+        if isinstance(node, ListConfig) and not isinstance(v, list):
+            raise ConfigError(f"bad value for config key '{key}' (from {origin}): must be a list, "
+                              f"got {type(v).__name__} {v!r}")
+        if isinstance(node, DictConfig):
+            _check_shapes(node, v, origin, f"{key}.")
 
 
 def load_config(path: Optional[str | Path] = None, overrides: List[str] = ()) -> RunConfig:
@@ -165,6 +207,9 @@ def load_config(path: Optional[str | Path] = None, overrides: List[str] = ()) ->
         except OmegaConfBaseException as e:
             raise ConfigError(f"bad override: {e.msg if hasattr(e, 'msg') else e}") from None
     for origin, src in sources:
+        if isinstance(src, DictConfig):
+            src = OmegaConf.to_container(src, resolve=False)
+        _check_shapes(cfg, src, origin)
         try:
             cfg = OmegaConf.merge(cfg, src)
         except ConfigKeyError as e:
@@ -172,7 +217,12 @@ def load_config(path: Optional[str | Path] = None, overrides: List[str] = ()) ->
         except OmegaConfBaseException as e:
             msg = str(e).splitlines()[0]
             raise ConfigError(f"bad value for config key '{_key_of(e)}' (from {origin}): {msg}") from None
-    run_cfg: RunConfig = OmegaConf.to_object(cfg)
+        except (TypeError, ValueError) as e:  # shapes OmegaConf cannot merge that _check_shapes did not name
+            raise ConfigError(f"bad value in the config (from {origin}): {e}") from None
+    try:
+        run_cfg: RunConfig = OmegaConf.to_object(cfg)  # resolves ${...} interpolations
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad value for config key '{_key_of(e)}': {str(e).splitlines()[0]}") from None
     validate(run_cfg)
     return run_cfg
 
@@ -198,12 +248,18 @@ def validate(cfg: RunConfig) -> None:
     _require(t.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
     _require(t.mixed_precision in PRECISIONS, "trainer.mixed_precision", f"must be one of {PRECISIONS}")
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
-    _require(t.eval_interval >= 1 and t.log_interval >= 1, "trainer.eval_interval", "intervals must be >= 1")
+    _require(t.eval_interval >= 1, "trainer.eval_interval", "must be >= 1")
+    _require(t.log_interval >= 1, "trainer.log_interval", "must be >= 1")
     _require(t.ckpt_interval >= 0, "trainer.ckpt_interval", "must be >= 0")
     _require(d.vocab_size >= 300, "data.vocab_size", "must be >= 300 (byte fallback needs 256 pieces)")
     _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
+    first_name, first = next(iter(cfg.phases.items()))
     for name, p in cfg.phases.items():
         k = f"phases.{name}"
+        # The optimizer's parameter groups are built once, from the first phase (trainer/optim.py).
+        _require(list(p.optim.no_decay) == list(first.optim.no_decay), f"{k}.optim.no_decay",
+                 f"{list(p.optim.no_decay)} differs from phase '{first_name}' ({list(first.optim.no_decay)}): "
+                 f"the decay/no-decay parameter groups are fixed for the whole run")
         _require(p.kind in PHASE_KINDS, f"{k}.kind", f"'{p.kind}' is not one of {PHASE_KINDS}")
         o = p.optim
         _require(o.lr > 0 and math.isfinite(o.lr), f"{k}.optim.lr", f"must be a positive number, got {o.lr}")
@@ -232,6 +288,11 @@ def validate(cfg: RunConfig) -> None:
             _require(0 < p.rl.top_p <= 1, f"{k}.rl.top_p", "must be in (0, 1]")
     for i, entry in enumerate(cfg.callbacks):
         _require(isinstance(entry, dict) and "name" in entry, f"callbacks.{i}", "each entry needs a 'name'")
+        scope = entry.get("phases", [])
+        _require(isinstance(scope, list), f"callbacks.{i}.phases", f"must be a list of phase names, got {scope!r}")
+        unknown = [n for n in scope if not isinstance(n, str) or n not in cfg.phases]
+        _require(not unknown, f"callbacks.{i}.phases",
+                 f"unknown phase {', '.join(map(repr, unknown))} (phases: {', '.join(cfg.phases)})")
     _validate_model(cfg)
     _validate_resume(t.resume)
     _validate_rl_world(cfg)
@@ -244,9 +305,13 @@ def _validate_model(cfg: RunConfig) -> None:
         from models.sizes import PRESETS
 
         if cfg.model_size not in PRESETS:
+            from models.sizes import config_for_params
             from trainer.model_setup import parse_count
 
-            _require(parse_count(cfg.model_size) > 0, "model_size", f"'{cfg.model_size}' must be > 0 parameters")
+            count = parse_count(cfg.model_size)
+            _require(count > 0, "model_size", f"'{cfg.model_size}' must be > 0 parameters")
+            m = cfg.model  # the vocabulary follows the tokenizer later; it does not change the search
+            config_for_params(count, flavour=m.flavour, vocab_size=m.vocab_size, block_size=m.block_size)
     else:
         dataclasses.replace(cfg.model).validate()  # raises ConfigError naming model.<field>
 

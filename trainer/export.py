@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from models.gpt import GPT, ModelConfig
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, UserError
 
 
 def export_run(run_dir: str, out: Optional[str] = None, fmt: str = "hf", phase: Optional[str] = None) -> Path:
@@ -30,6 +30,11 @@ def export_run(run_dir: str, out: Optional[str] = None, fmt: str = "hf", phase: 
     model = GPT(ModelConfig(**json.loads((src / "model_config.json").read_text())))
     load_weights(model, src)
     target = Path(out) if out else run / "export" / f"{phase}-{fmt}"
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {target} exists and is not a directory")
     tok = run / "tokenizer.model"
-    export_hf(model, target, tokenizer_model_path=tok if tok.is_file() else None)
+    try:
+        export_hf(model, target, tokenizer_model_path=tok if tok.is_file() else None)
+    except OSError as e:  # e.g. a parent of --out is a file, or the disk is full
+        raise UserError(f"could not export to {target}: {e.strerror or e} ({e.filename or target})") from None
     return target

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -88,7 +89,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     if not file.is_file():
         raise CheckpointError(f"no model weights at {file}")
     try:
-        missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+        weights = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {str(e).splitlines()[0]}") from None
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"weights in {file} do not fit the model: {str(e).splitlines()[0]}") from None
     model_cfg = getattr(model, "cfg", None) or getattr(model, "config", None)  # GPT keeps its config in .cfg
@@ -182,6 +187,7 @@ class Trainer:
             return None
         path = checkpoint.find_latest_valid(self.run_dir, log=self._print) if mode == "auto" else Path(mode)
         if path is None:
+            self._drop_logs_of_lost_start()
             return None
         state, cb_state = checkpoint.load(self, path)
         if state["tokenizer"] != self.data.tokenizer.fingerprint():
@@ -204,6 +210,18 @@ class Trainer:
         if not self.is_main or not path.is_file():
             return
         self.logger.reopen(lambda: keep_jsonl_rows(path, lambda row: row.get("step", 0) <= self.global_step))
+
+    def _drop_logs_of_lost_start(self) -> None:
+        """Starting from step 0 in a run dir that already has logs (a run killed before its first
+        checkpoint): every row is about to be logged again. The instruments callback trims
+        boundaries.jsonl itself only on a resume from a checkpoint."""
+        if not self.is_main:
+            return
+        metrics, boundaries = self.run_dir / "metrics.jsonl", self.run_dir / "boundaries.jsonl"
+        if metrics.is_file() and metrics.stat().st_size:
+            self.logger.reopen(lambda: keep_jsonl_rows(metrics, lambda row: False))
+        if boundaries.is_file():
+            keep_jsonl_rows(boundaries, lambda row: False)
 
     # --- phase set-up ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -231,8 +249,11 @@ class Trainer:
             with self._writable_weights():
                 model.load_state_dict(fresh)
         elif p.init_from != "previous":
-            with self._writable_weights():
-                load_weights(model, Path(p.init_from))
+            try:
+                with self._writable_weights():
+                    load_weights(model, Path(p.init_from))
+            except CheckpointError as e:  # checked only now: it may name an export of this very run
+                raise CheckpointError(f"config key 'phases.{self.phase_name}.init_from': {e}") from None
         if self.phase_idx == 0 or not p.load_optimizer_state:
             reset_state(self.optimizer)
 
@@ -252,11 +273,20 @@ class Trainer:
         out = self.run_dir / "phases" / self.phase_name
         sd = self.accelerator.get_state_dict(self.model)
         if self.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().float().contiguous().clone() for k, v in sd.items()},
-                      str(out / "model.safetensors.tmp"))
-            os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-            (out / "model_config.json").write_text(json.dumps(dataclasses.asdict(self.model_cfg), indent=1))
+            tmp = out / "model.safetensors.tmp"
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().float().contiguous().clone() for k, v in sd.items()}, str(tmp))
+                os.replace(tmp, out / "model.safetensors")
+                (out / "model_config.json.tmp").write_text(json.dumps(dataclasses.asdict(self.model_cfg), indent=1))
+                os.replace(out / "model_config.json.tmp", out / "model_config.json")
+            except checkpoint.WRITE_ERRORS as e:
+                for leftover in (tmp, out / "model_config.json.tmp"):
+                    if leftover.is_file():
+                        leftover.unlink()
+                raise CheckpointError(f"could not write the model of phase '{self.phase_name}' to {out}: "
+                                      f"{checkpoint.write_failure(e, tmp)}; the last checkpoint is left intact") \
+                    from None
         self.accelerator.wait_for_everyone()
         return out
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from trainer.checkpoint import checkpoint_dirs
+from trainer.checkpoint import checkpoint_dirs, verify
 from trainer.config import RunConfig, to_dict, to_yaml
-from trainer.errors import ConfigError, UserError
+from trainer.errors import CheckpointError, ConfigError, UserError
 
 # Keys that may change between a run and its resumption without --force.
 _VOLATILE = {("trainer", "resume"), ("trainer", "force"), ("trainer", "progress")}
@@ -19,6 +19,8 @@ def _comparable(d: dict) -> dict:
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for section, key in _VOLATILE:
         d.get(section, {}).pop(key, None)
+    if isinstance(d.get("phases"), dict):  # the order of the phases is their execution order
+        d["phases"] = list(d["phases"].items())
     return d
 
 
@@ -46,7 +48,18 @@ class RunLock:
 
 def prepare(run_dir: Path, cfg: RunConfig, accelerator=None) -> RunLock:
     """Create or re-enter a run dir (main process). Raises before writing anything on conflict."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = cfg.trainer.resume
+    if resume not in ("auto", "never"):  # an explicit checkpoint that cannot be loaded changes nothing
+        problem = verify(Path(resume))
+        if problem is not None:
+            raise CheckpointError(f"trainer.resume: checkpoint {resume} is not usable: {problem}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"config key 'trainer.run_dir': {run_dir} exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"config key 'trainer.run_dir': cannot create {run_dir}: "
+                          f"{e.strerror or e} ({e.filename or run_dir})") from None
     lock = RunLock(run_dir / ".lock")
     try:
         saved = run_dir / "config.yaml"
