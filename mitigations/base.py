@@ -30,7 +30,7 @@ class Mitigation(Callback):
     at: tuple = ()
     every: int = 0
 
-    def on_run_start(self, trainer) -> None:
+    def check(self, trainer) -> None:
         stage = zero_stage(trainer)
         if stage is not None and stage > self.max_zero_stage:
             raise ConfigError(f"callbacks ({self.name}): not supported under DeepSpeed ZeRO-{stage} "

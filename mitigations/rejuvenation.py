@@ -73,8 +73,8 @@ class Rejuvenation(Mitigation):
         self.base_phase, self.alpha, self.fraction, self.batches = base_phase, float(alpha), float(reset_fraction), int(batches)
         self.at = check_boundaries("rejuvenation", at)
 
-    def on_run_start(self, trainer) -> None:
-        super().on_run_start(trainer)
+    def check(self, trainer) -> None:
+        super().check(trainer)
         names = list(trainer.cfg.phases)
         if self.base_phase and self.base_phase not in names:
             raise ConfigError(f"callbacks (rejuvenation): base_phase '{self.base_phase}' is not a phase of this run")

@@ -26,8 +26,8 @@ class Replay(Mitigation):
         self.fraction, self.rewarm_steps = float(fraction), int(rewarm_steps)
         self._scale = 1.0
 
-    def on_run_start(self, trainer) -> None:
-        super().on_run_start(trainer)
+    def check(self, trainer) -> None:
+        super().check(trainer)
         names = self.phases or list(trainer.cfg.phases)
         for n in names:
             p = trainer.cfg.phases[n]

@@ -321,6 +321,21 @@ def test_rejuvenation_peeks_sft_batches_without_consuming_them():
         assert torch.equal(runner.next_batch(), b)
 
 
+@pytest.mark.parametrize("callback,match", [
+    ("{name: replay, phases: [post]}", "replay needs a continual"),
+    ("{name: rejuvenation, phases: [post], base_phase: post}", "does not come after"),
+])
+def test_checks_of_a_callback_scoped_to_a_later_phase_run_at_the_start(tmp_path, cache_dir, callback, match):
+    """A misfit in a later phase fails before the first phase trains, not when that phase starts."""
+    cfg_file = tmp_path / "two.yaml"
+    cfg_file.write_text(CONTINUAL.read_text() + "  post:\n    kind: pretrain\n    mode: stationary\n"
+                        "    languages: [en]\n    steps_per_task: 2\n")
+    cfg = load_config(cfg_file, tiny_overrides(tmp_path / "r", cache_dir, callbacks=f"[{callback}]"))
+    with pytest.raises(ConfigError, match=match):
+        Trainer(cfg).run()
+    assert not (tmp_path / "r" / "metrics.jsonl").is_file() or not (tmp_path / "r" / "metrics.jsonl").read_text()
+
+
 REDO_HASH = '''
 import hashlib, sys, torch
 sys.path.insert(0, "tests")

@@ -20,6 +20,9 @@ class Callback:
     def active(self, trainer) -> bool:
         return not self.phases or trainer.phase_name in self.phases
 
+    def check(self, trainer) -> None:
+        """Once per run, before anything is trained, for every callback whatever its `phases`: refuse a setup
+        it cannot handle here (a ConfigError), so a callback scoped to a later phase fails at the start."""
     def on_run_start(self, trainer) -> None: ...
     def on_phase_start(self, trainer) -> None: ...
     def on_phase_resume(self, trainer) -> None:

@@ -31,7 +31,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 class DataConfig:
     corpus_dir: str = ""  # "" = the corpus bundled in data/corpus
     vocab_size: int = 2048  # sentencepiece vocabulary; the model's vocab_size follows the tokenizer
-    tokenizer_languages: List[str] = field(default_factory=list)  # [] = every language the run trains on
+    tokenizer_languages: List[str] = field(default_factory=list)  # [] = every corpus language (docs/data.md)
     tokenizer_sample_lines: int = 20000  # per language, for tokenizer training
     val_fraction: float = 0.05  # per language, held out for validation
     cache_dir: str = ".cache/plasticity"  # tokenizers and tokenized corpora, keyed by content hash

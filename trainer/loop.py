@@ -362,6 +362,8 @@ class Trainer:
     # --- the run --------------------------------------------------------------------------
     def run(self) -> str:
         """Train every remaining phase. Returns "done" or "preempted"."""
+        for cb in self.callbacks:  # whatever their phases: a misfit fails now, not after hours of training
+            cb.check(self)
         resumed = self._resume()
         if self._peak is None:
             self.logger.text(self.global_step, "perf/mfu", "n/a: no peak FLOP/s known for this device (CPU?)")
