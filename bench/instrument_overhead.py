@@ -100,7 +100,7 @@ class _Timers:
 
 
 class _InstrumentClock:
-    """Seconds spent in the instruments during a run: the callback's events (pre_step, post_step,
+    """Seconds spent in the instruments during a run: the callback's events (pre_step, post_backward, post_step,
     on_run_start, on_task_end) and the forward hooks' statistics. Nested calls (hooks inside a measurement) count once. Measured
     inside the same run as the training time, so it is free of the run-to-run noise that the
     difference of two runs' totals carries on a shared machine."""
@@ -110,8 +110,8 @@ class _InstrumentClock:
         import trainer.instruments.hooks as H
 
         self.seconds, self._depth, self.saved = 0.0, 0, []
-        for owner, attr in ((C.Instruments, "pre_step"), (C.Instruments, "post_step"),
-                            (C.Instruments, "on_run_start"), (C.Instruments, "on_task_end"),
+        for owner, attr in ((C.Instruments, "pre_step"), (C.Instruments, "post_backward"),
+                            (C.Instruments, "post_step"), (C.Instruments, "on_run_start"), (C.Instruments, "on_task_end"),
                             (H.NeuronHooks, "_update")):
             orig = getattr(owner, attr)
             self.saved.append((owner, attr, orig))
