@@ -112,11 +112,18 @@ def _cfg_from_hf(c) -> ModelConfig:
     if mt == "gpt2":
         if getattr(c, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ConfigError(f"from_hf: unsupported GPT-2 activation_function {c.activation_function!r}")
+        # our attention always scales by 1/sqrt(head_dim), in the model's dtype
+        for key, ours in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                          ("reorder_and_upcast_attn", False)):
+            if bool(getattr(c, key, ours)) != ours:
+                raise ConfigError(f"from_hf: unsupported GPT-2 setting {key}={getattr(c, key)!r}")
         return ModelConfig(flavour="gpt2", vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, mlp_hidden=c.n_inner or 4 * c.n_embd,
                            tie_embeddings=bool(c.tie_word_embeddings), dropout=float(c.resid_pdrop),
                            norm_eps=float(c.layer_norm_epsilon))
     if mt == "llama":
+        if getattr(c, "hidden_act", "silu") != "silu":
+            raise ConfigError(f"from_hf: unsupported Llama hidden_act {c.hidden_act!r} (ours is SwiGLU with SiLU)")
         if c.num_key_value_heads != c.num_attention_heads or c.attention_bias or getattr(c, "mlp_bias", False):
             raise ConfigError("from_hf: only Llama configs without GQA and without biases are supported")
         if c.head_dim != c.hidden_size // c.num_attention_heads:
@@ -183,7 +190,12 @@ def export_hf(model: GPT, out_dir: str, tokenizer_model_path: str | None = None,
     if dtype is not None:
         hf = hf.to(dtype)
     tok = None
-    if tokenizer_model_path is not None:
+    if tokenizer_model_path is None:  # transformers' defaults (e.g. GPT-2's 50256) mean nothing for our vocabulary
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(hf.config, attr, None)
+            if getattr(hf, "generation_config", None) is not None:
+                setattr(hf.generation_config, attr, None)
+    else:
         tok, sp = _tokenizer_from_spm(tokenizer_model_path)
         if sp.get_piece_size() > model.cfg.vocab_size:
             raise ConfigError(f"export_hf: tokenizer has {sp.get_piece_size()} pieces but model.vocab_size="

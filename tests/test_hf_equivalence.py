@@ -58,6 +58,20 @@ def test_round_trip_from_hf(flavour, tie):
         assert torch.equal(sd[k], sd2[k]), k
 
 
+@pytest.mark.parametrize("flavour,key,value", [("gpt2", "scale_attn_by_inverse_layer_idx", True),
+                                               ("gpt2", "scale_attn_weights", False),
+                                               ("gpt2", "reorder_and_upcast_attn", True),
+                                               ("llama", "hidden_act", "gelu")])
+def test_from_hf_refuses_what_our_model_cannot_reproduce(flavour, key, value):
+    """Otherwise the converted model silently computes different logits (e.g. 2.2 with layer-index scaling)."""
+    from trainer.errors import ConfigError
+
+    hf = to_hf(GPT(tiny(flavour, True)))
+    setattr(hf.config, key, value)
+    with pytest.raises(ConfigError, match=key):
+        from_hf(hf)
+
+
 @pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("llama", False)])
 def test_export_from_pretrained(tmp_path, flavour, tie):
     from transformers import AutoModelForCausalLM
@@ -66,6 +80,10 @@ def test_export_from_pretrained(tmp_path, flavour, tie):
     m = _randomise(GPT(tiny(flavour, tie))).eval()
     out = export_hf(m, str(tmp_path / "export"))
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    import json  # without a tokenizer no special-token ids are claimed (HF's defaults: 50256, or 1/2)
+    for name in ("config.json", "generation_config.json"):
+        c = json.load(open(os.path.join(out, name)))
+        assert all(c.get(k) is None for k in ("bos_token_id", "eos_token_id", "pad_token_id")), (name, c)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     idx = torch.randint(0, 331, (1, 16))
     with torch.no_grad():

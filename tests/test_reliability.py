@@ -572,13 +572,15 @@ def test_replayed_steps_are_not_logged_twice(tmp_path, cache_dir, corpus_dir):
     assert steps == list(range(1, STEPS + 1))
 
 
-def test_restart_without_checkpoint_logs_each_step_once(tmp_path, cache_dir, corpus_dir):
+@pytest.mark.parametrize("resume", ["auto", "never"])
+def test_restart_without_checkpoint_logs_each_step_once(tmp_path, cache_dir, corpus_dir, resume):
     run = tmp_path / "run"
     cfg = lambda: load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir))  # noqa: E731
     assert Trainer(cfg(), [StopAt(3)]).run() == "preempted"
     shutil.rmtree(run / "checkpoints")  # as if killed after step 3, before the first checkpoint
     (run / "boundaries.jsonl").write_text('{"boundary": 0, "label": "init", "global_step": 0}\n')
-    assert Trainer(cfg()).run() == "done"
+    again = load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir, **{"trainer.resume": resume}))
+    assert Trainer(again).run() == "done"
     steps = [r["step"] for r in metric_rows(run) if "train/loss" in r]
     assert steps == list(range(1, STEPS + 1))
     assert (run / "boundaries.jsonl").read_text() == ""  # would be measured again by the instruments

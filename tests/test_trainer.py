@@ -52,12 +52,16 @@ def test_overrides_reach_phase_sections(tmp_path):
     ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
     ("phases.p.weights=[1.0]", "phases.p.weights"),
     ("trainer.log_interval=0", "trainer.log_interval"),
+    ("phases.p.kind=rl phases.p.steps=2 phases.p.rl.max_new_tokens=0", "phases.p.rl.max_new_tokens"),
+    ("phases.p.kind=rl phases.p.steps=2 phases.p.rl.clip_eps=-0.5", "phases.p.rl.clip_eps"),
+    ("phases.p.kind=rl phases.p.steps=2 phases.p.rl.kl_coef=-1", "phases.p.rl.kl_coef"),
+    ("phases.p.kind=sft phases.p.steps=2 phases.p.sft.max_new_tokens=0", "phases.p.sft.max_new_tokens"),
     ("model_size=10", "model_size"),
 ])
 def test_impossible_values(tmp_path, override, key):
     p = write_cfg(tmp_path, "phases:\n  p: {kind: pretrain, languages: [en, fr]}\n")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(p, [override])
+        load_config(p, override.split())
 
 
 def test_cli_bad_key_exit_2_one_line(tmp_path, capsys):
@@ -79,6 +83,8 @@ def test_later_phase_no_decay_must_match_the_first(tmp_path):
     with pytest.raises(ConfigError, match=r"phases\.b\.optim\.no_decay.*fixed for the whole run"):
         load_config(p)
     assert load_config(p, ["phases.b.optim.no_decay=[norm]"]).phases["b"].optim.no_decay == ["norm"]
+    # the same categories in another order are the same groups
+    assert load_config(p, ["phases.a.optim.no_decay=[norm,bias]", "phases.b.optim.no_decay=[bias,norm]"])
 
 
 def test_model_size_too_small_fails_before_the_run_dir_exists(tmp_path, capsys):

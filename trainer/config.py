@@ -257,7 +257,7 @@ def validate(cfg: RunConfig) -> None:
     for name, p in cfg.phases.items():
         k = f"phases.{name}"
         # The optimizer's parameter groups are built once, from the first phase (trainer/optim.py).
-        _require(list(p.optim.no_decay) == list(first.optim.no_decay), f"{k}.optim.no_decay",
+        _require(set(p.optim.no_decay) == set(first.optim.no_decay), f"{k}.optim.no_decay",
                  f"{list(p.optim.no_decay)} differs from phase '{first_name}' ({list(first.optim.no_decay)}): "
                  f"the decay/no-decay parameter groups are fixed for the whole run")
         _require(p.kind in PHASE_KINDS, f"{k}.kind", f"'{p.kind}' is not one of {PHASE_KINDS}")
@@ -286,6 +286,11 @@ def validate(cfg: RunConfig) -> None:
             _require(p.rl.prompts_per_step >= 1, f"{k}.rl.prompts_per_step", "must be >= 1")
             _require(p.rl.temperature > 0, f"{k}.rl.temperature", "must be > 0")
             _require(0 < p.rl.top_p <= 1, f"{k}.rl.top_p", "must be in (0, 1]")
+            _require(p.rl.max_new_tokens >= 1, f"{k}.rl.max_new_tokens", "must be >= 1")
+            _require(p.rl.clip_eps > 0, f"{k}.rl.clip_eps", "must be > 0")
+            _require(p.rl.kl_coef >= 0, f"{k}.rl.kl_coef", "must be >= 0")
+        if p.kind == "sft":
+            _require(p.sft.max_new_tokens >= 1, f"{k}.sft.max_new_tokens", "must be >= 1")
     for i, entry in enumerate(cfg.callbacks):
         _require(isinstance(entry, dict) and "name" in entry, f"callbacks.{i}", "each entry needs a 'name'")
         scope = entry.get("phases", [])

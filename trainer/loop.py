@@ -183,7 +183,8 @@ class Trainer:
 
     def _resume(self) -> Optional[dict]:
         mode = self.cfg.trainer.resume
-        if mode == "never":
+        if mode == "never":  # (run dir checks refuse "never" where checkpoints exist)
+            self._drop_logs_of_lost_start()
             return None
         path = checkpoint.find_latest_valid(self.run_dir, log=self._print) if mode == "auto" else Path(mode)
         if path is None:
