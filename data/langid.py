@@ -138,9 +138,13 @@ def _identify_latin(text: str) -> str | None:
     words = _WORD_RE.findall(text.lower())
     if not words:
         return None
-    # Vietnamese: its own letters are decisive once they cover a real share of words.
+    # Vietnamese: its own letters are decisive once they cover a real share of words, unless English
+    # function words dominate: untranslated English that quotes a Vietnamese title ("See Phần 6.4, ...").
     vi_words = sum(1 for w in words if any(c in _VI_CHARS for c in w))
-    if vi_words >= 1 and vi_words >= 0.15 * len(words):
+    en_function = sum(1 for w in words if w in _STOPWORDS["en"] and w != "a")  # "a" also labels cells: A1
+    vi_function = sum(1 for w in words if w in _STOPWORDS["vi"])
+    english = en_function >= max(2, 0.15 * len(words)) and en_function > 2 * vi_function
+    if vi_words >= 1 and vi_words >= 0.15 * len(words) and not english:
         return "vi"
 
     scores = {lang: 0.0 for lang in _LATIN_LANGS}

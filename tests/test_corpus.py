@@ -109,6 +109,15 @@ def test_langid_more_cases():
     # Untranslated English inside the Vietnamese help is not Vietnamese.
     assert not is_language("Edits the selected bibliography entry.", "vi")
     assert identify("Specifies whether to select a text box by clicking the text.") == "en"
+    # English quoting a Vietnamese cross-reference title (found in the Installation Guide probe) is English...
+    assert identify("If firmware is needed, the installer will prompt you to load firmware. See Phần 6.4, "
+                    "“Nạp phần vững bị thiếu” for detailed information on how to load firmware.") == "en"
+    assert identify("These concepts are discussed in greater detail in Chương 5, Hệ thống gói: Công cụ và "
+                    "Nguyên tắc cơ bản.") == "en"
+    # ...while Vietnamese with a stray English word or cell names stays Vietnamese.
+    assert identify("Chọn lệnh Xem > Phóng to.") == "vi"
+    assert identify("Giả sử nội dung ô là A1=-10000, A2=3500, A3=7600 và A4=1000, công thức =IRR(A1:A4) "
+                    "trả về kết quả 80,24%.") == "vi"
     # One decisive Vietnamese word in a short heading is enough.
     assert identify("Phân tích câu lệnh SQL") == "vi"
     assert identify("Chèn Tham Chiếu Chéo") == "vi"
