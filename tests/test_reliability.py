@@ -347,6 +347,11 @@ def test_full_disk_non_oserror_is_a_clear_error(tmp_path, cache_dir, corpus_dir,
     assert names == ["step_00000004", "step_00000006"]  # no .tmp-step_00000008 left behind
 
 
+def test_write_failure_hints_at_the_disk_only_for_io_errors():
+    assert "is the disk full?" in checkpoint.write_failure(RuntimeError("unexpected pos 70784 vs 70676"), "/p")
+    assert "disk" not in checkpoint.write_failure(RuntimeError("NCCL error: unhandled system error"), "/p")
+
+
 def test_failed_phase_export_write_is_a_clear_error(tmp_path, cache_dir, corpus_dir, monkeypatch):
     import trainer.loop as loop
     from safetensors import SafetensorError

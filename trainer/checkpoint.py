@@ -42,7 +42,10 @@ def write_failure(e: BaseException, default_path) -> str:
         reason = e.strerror or errno.errorcode.get(e.errno or 0, "") or str(e) or type(e).__name__
         return f"{reason} ({e.filename or default_path})"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"{first}; is the disk full? ({default_path})"
+    # torch.save / safetensors on a full disk: "unexpected pos ...", "IoError", "No space left ..."; anything
+    # else (e.g. a failed collective inside accelerate's save_state) is reported as it is
+    io_like = any(k in first.lower() for k in ("unexpected pos", "ioerror", "no space", "os error", "write"))
+    return f"{first}{'; is the disk full?' if io_like else ''} ({default_path})"
 
 
 def _sha256(path: Path) -> str:
