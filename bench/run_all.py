@@ -129,8 +129,8 @@ def main(argv=None) -> int:
         from bench import gpu as G
 
         res = G.run()
-        rows = "\n".join(f"* {t['device']}: {t['tok_s']:,.0f} tok/s, MFU {100 * (t['mfu'] or 0):.1f}%"
-                         for t in res["train"])
+        mfu = lambda t: "n/a (no peak FLOP/s known for this device)" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"  # noqa: E731
+        rows = "\n".join(f"* {t['device']}: {t['tok_s']:,.0f} tok/s, MFU {mfu(t)}" for t in res["train"])
         return rows + "\n\n```\n" + json.dumps(res, indent=1) + "\n```", res
 
     section("Training throughput (CPU): ours vs HF transformers vs minimal GPT", "throughput", throughput)

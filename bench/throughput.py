@@ -106,6 +106,8 @@ def measure(flavour, size, batch, steps, rounds, warmup, compile_=False, impls=I
             f"(load {load()})")
         for _ in range(warmup):
             s.step(x, y)
+    if max(losses.values()) - min(losses.values()) > 1e-3:  # the table claims the same weights and data
+        raise RuntimeError(f"{flavour} {size}: the implementations' first losses differ: {losses}")
     tok, tok_cpu = interleaved_tok_s(steppers, x, y, steps, rounds)
     res = {"flavour": flavour, "size": size, "compiled": compile_, "batch": batch, "seq": cfg.block_size,
            "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,

@@ -219,9 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _validate(config: str, overrides: Sequence[str], sweep: bool) -> None:
+    """Load the config with its overrides as the job will, so that a typo fails here and not on the nodes."""
+    if sweep:
+        from trainer.study import load_study, parse_args
+
+        parsed = parse_args(["run", config, *overrides])
+        load_study(parsed.study, parsed.overrides)
+    else:
+        from trainer.config import load_config
+
+        load_config(config, list(overrides))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
+        _validate(args.config, args.overrides, sweep=args.array is not None)
         venv = args.venv or None
         if args.array is not None:
             job_name = args.job_name or "plasticity-sweep"

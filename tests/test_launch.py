@@ -36,10 +36,10 @@ ACCEL_DIR = REPO / "launch" / "accelerate"
 
 # name -> (distributed_type, num_processes, mixed_precision, zero stage, offload optimizer, offload params)
 ACCEL_EXPECTED = {
-    "single": ("NO", 1, "bf16", None, None, None),
-    "ddp": ("MULTI_GPU", 8, "bf16", None, None, None),
+    "single": ("NO", 1, "no", None, None, None),
+    "ddp": ("MULTI_GPU", 8, "no", None, None, None),
     "ddp_cpu": ("MULTI_GPU", 2, "no", None, None, None),
-    "multinode": ("MULTI_GPU", 16, "bf16", None, None, None),
+    "multinode": ("MULTI_GPU", 16, "no", None, None, None),
     "zero1": ("DEEPSPEED", 8, None, 1, "none", "none"),
     "zero2": ("DEEPSPEED", 8, None, 2, "none", "none"),
     "zero3": ("DEEPSPEED", 8, None, 3, "none", "none"),
@@ -189,8 +189,9 @@ def test_deepspeed_config_errors_are_one_line(call, match):
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "tiny.yaml").write_text("{}\n")
-    (tmp_path / "configs" / "study.yaml").write_text("{}\n")
+    (tmp_path / "configs" / "tiny.yaml").write_text("phases:\n  p: {kind: pretrain}\n")
+    (tmp_path / "configs" / "study.yaml").write_text(
+        "base: {phases: {p: {kind: pretrain}}}\nout_dir: runs/s\ngrid: {sizes: [nano]}\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -286,12 +287,23 @@ def test_render_sweep_errors(args, match, workdir):
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_dry_run_prints_script(workdir, capsys):
-    rc = slurm.main(["configs/tiny.yaml", "--nodes", "2", "--gpus-per-node", "8", "trainer.lr=1e-3",
+    rc = slurm.main(["configs/tiny.yaml", "--nodes", "2", "--gpus-per-node", "8", "trainer.seed=3",
                      "--partition", "gpu"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert out == slurm.render_train("configs/tiny.yaml", 2, 8, partition="gpu", extra_args=["trainer.lr=1e-3"])
+    assert out == slurm.render_train("configs/tiny.yaml", 2, 8, partition="gpu", extra_args=["trainer.seed=3"])
     assert not (workdir / "logs").exists()
+
+
+@pytest.mark.parametrize("argv,culprit", [
+    (["configs/tiny.yaml", "--gpus-per-node", "8", "trainer.lr=3e-4"], "trainer.lr"),
+    (["configs/study.yaml", "--array", "2", "--gpus-per-node", "1", "grid.sizez=[nano]"], "sizez"),
+])
+def test_cli_validates_the_config_before_rendering(workdir, capsys, argv, culprit):
+    """A key the trainer would refuse fails here (exit 2, one line), not on the nodes after queueing."""
+    assert slurm.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and culprit in err
 
 
 def test_cli_out_writes_file(workdir, capsys):

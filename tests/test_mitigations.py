@@ -377,3 +377,14 @@ def test_ddp_redo_identical_on_both_ranks(tmp_path, cache_dir):
     assert sum(r for r in resets if r) > 0
     exported = load_file(str(run / "phases" / "pre" / "model.safetensors"))
     assert set(exported)
+
+
+def test_compare_reads_a_run_whose_last_line_was_torn(tmp_path):
+    from trainer.compare import _read_jsonl
+
+    f = tmp_path / "boundaries.jsonl"
+    f.write_text('{"boundary": 0}\n{"boundary": 1}\n{"bound')  # killed mid-write
+    assert _read_jsonl(f) == [{"boundary": 0}, {"boundary": 1}]
+    f.write_text('{"boundary": 0}\n{"bound\n{"boundary": 2}\n')  # damage elsewhere is still an error
+    with pytest.raises(UserError, match=r"boundaries\.jsonl:2"):
+        _read_jsonl(f)

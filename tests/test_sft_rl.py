@@ -128,6 +128,25 @@ def test_sft_evaluation_holds_builtin_and_jsonl_eval_examples(tmp_path, cache_di
     assert [e.prompt for e in runner.eval_examples[8:]] == [e.prompt for e in user_eval]
 
 
+def test_mfu_counts_every_processed_token(tmp_path, cache_dir):
+    """SFT/RL log the trained (response) tokens per second, but the forward and backward run over every
+    position of the batch: MFU must use those. (On CPU no peak is known; a callback sets one.)"""
+    class Peak(Callback):
+        def on_run_start(self, trainer):
+            trainer._peak = 1e12
+
+    cfg = load_config(write_cfg(tmp_path, CHAIN), tiny_overrides(tmp_path / "r", cache_dir))
+    t = Trainer(cfg, [Peak()])
+    assert t.run() == "done"
+    ratio = {}  # processed tokens per trained token, from the two logged rates
+    for r in metrics(tmp_path / "r"):
+        if "perf/mfu" in r:
+            processed_s = r["perf/mfu"] * 1e12 / t._flops_per_token
+            ratio.setdefault(r["phase"], []).append(processed_s / r["perf/tok_per_s"])
+    assert all(x == pytest.approx(1.0) for x in ratio["pre"])  # pretraining trains on every token
+    assert all(x > 1.5 for x in ratio["sft"] + ratio["rl"]), ratio  # prompts and padding are processed too
+
+
 def test_sampling_is_deterministic_for_a_fixed_seed(tmp_path, cache_dir):
     cfg = load_config(write_cfg(tmp_path, CHAIN), tiny_overrides(tmp_path / "run", cache_dir))
     trainer = Trainer(cfg)

@@ -240,3 +240,22 @@ def test_rank_share_strides_and_pads_for_lockstep():
     assert [(int(x[0, 0]), n) for x, n in rank_share([a, b, c], 0, 2)] == [(1, True), (3, True)]
     assert [(int(x[0, 0]), n) for x, n in rank_share([a, b, c], 1, 2)] == [(2, True), (1, False)]  # padding
     assert [(int(x[0, 0]), n) for x, n in rank_share([a, b, c], 0, 1)] == [(1, True), (2, True), (3, True)]
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA L4", 121e12),
+                                       ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None), (None, None)])
+def test_peak_flops_by_device_name(name, peak):
+    """Whole-word matching: "L4" must not match "NVIDIA L40", nor "H100" the H100 NVL."""
+    from trainer.logger import peak_flops
+
+    assert peak_flops(name) == peak
+
+
+@pytest.mark.parametrize("command", ["compare", "study", "report", "slurm"])
+def test_subcommand_help(command, capsys):
+    """Sub-commands with their own parsers answer --help themselves (exit 0, their usage)."""
+    with pytest.raises(SystemExit) as info:
+        cli_main([command, "--help"])
+    assert info.value.code == 0 and f"usage: plasticity {command}" in capsys.readouterr().out

@@ -77,7 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse already exits 2 with a one-line usage error
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("slurm", *DELEGATED):
+        # everything after the name goes to that command's own parser, --help included (argparse's REMAINDER
+        # would reject a leading option such as --help)
+        args = parser.parse_args(argv[:1])
+        args.rest = argv[1:]
+    else:
+        args = parser.parse_args(argv)  # argparse already exits 2 with a one-line usage error
     try:
         return int(args.func(args) or 0)
     except UserError as e:

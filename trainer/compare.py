@@ -23,13 +23,15 @@ DELTA_KEY = "probe/delta_auc"
 
 
 def _read_jsonl(path: Path) -> List[dict]:
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                raise UserError(f"{path}:{i}: not valid JSON") from None
+    for i, line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == lines[-1][0]:  # the last line, torn by a kill mid-write (as trainer.analysis reads it)
+                break
+            raise UserError(f"{path}:{i}: not valid JSON") from None
     return out
 
 

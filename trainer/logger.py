@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-# Dense bf16 peak FLOP/s per device, matched by substring of the device name (longest first).
+# Dense bf16 peak FLOP/s per device, matched as whole words of the device name (longest key first, so
+# "H100 NVL" before "H100"; whole words, so "L4" does not match "L40").
 PEAK_FLOPS = {
-    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12,
-    "L40S": 362e12, "L4": 121e12, "V100": 125e12, "MI300X": 1307e12, "RTX 4090": 165e12,
+    "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "V100": 125e12, "MI300X": 1307e12, "RTX 4090": 165e12,
 }
 
 
@@ -35,7 +37,7 @@ def peak_flops(device_name: Optional[str]) -> Optional[float]:
     if not device_name:
         return None
     for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key in device_name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
             return PEAK_FLOPS[key]
     return None
 
@@ -62,6 +64,31 @@ class RunLogger:
                     self.tb.add_scalar(k, v, step)
         self._jsonl.write(json.dumps({"step": step, **context, **clean}) + "\n")
         self._jsonl.flush()
+
+    def position(self) -> Optional[int]:
+        """Bytes of metrics.jsonl written so far (every row is flushed whole): saved with each checkpoint."""
+        return self._jsonl.tell() if self.enabled else None
+
+    def rewind(self, step: int, position: Optional[int]) -> None:
+        """Resume after `step`: metrics.jsonl back to `position` bytes, what it held when the checkpoint was
+        written (rows logged after the checkpoint at the same step, e.g. by a phase-start callback, would
+        otherwise appear twice); without a position, the rows with step <= `step` are kept. TensorBoard
+        drops its events after `step` (purge_step), so a replayed step is not drawn twice there either."""
+        if not self.enabled:
+            return
+        path = Path(self._jsonl.name)
+
+        def swap():
+            if position is not None and path.stat().st_size >= position:
+                os.truncate(path, position)
+            else:
+                keep_jsonl_rows(path, lambda row: row.get("step", 0) <= step)
+        self.reopen(swap)
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            log_dir = self.tb.log_dir
+            self.tb.close()
+            self.tb = SummaryWriter(log_dir=log_dir, purge_step=step + 1)
 
     def reopen(self, swap) -> None:
         """Close metrics.jsonl, let `swap()` replace the file, and append to the new one."""

@@ -173,7 +173,7 @@ class Trainer:
                 "global_step": self.global_step, "nonfinite_steps": self.nonfinite_steps,
                 "runner": self.runner.state_dict() if self.runner else {},
                 "tokenizer": self.data.tokenizer.fingerprint(),
-                "model_config": dataclasses.asdict(self.model_cfg)}
+                "model_config": dataclasses.asdict(self.model_cfg), "log_position": self.logger.position()}
 
     def save_checkpoint(self) -> Path:
         cb_state = {cb.name + f"#{i}": cb.state_dict() for i, cb in enumerate(self.callbacks)}
@@ -201,16 +201,10 @@ class Trainer:
             cb.load_state_dict(cb_state.get(cb.name + f"#{i}", {}))
         for key in ("phase_idx", "task_idx", "step_in_task", "global_step", "nonfinite_steps"):
             setattr(self, key, state[key])
-        self._drop_replayed_metrics()
+        if self.is_main:  # rows logged after the checkpoint are about to be logged again: drop them
+            self.logger.rewind(self.global_step, state.get("log_position"))
         self._print(f"resumed from {path} (phase {self.phase_name}, task {self.task_idx}, step {self.global_step})")
         return state
-
-    def _drop_replayed_metrics(self) -> None:
-        """Rows logged after the checkpoint we resume from are about to be logged again: drop them."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.is_main or not path.is_file():
-            return
-        self.logger.reopen(lambda: keep_jsonl_rows(path, lambda row: row.get("step", 0) <= self.global_step))
 
     def _drop_logs_of_lost_start(self) -> None:
         """Starting from step 0 in a run dir that already has logs (a run killed before its first
@@ -218,9 +212,9 @@ class Trainer:
         boundaries.jsonl itself only on a resume from a checkpoint."""
         if not self.is_main:
             return
-        metrics, boundaries = self.run_dir / "metrics.jsonl", self.run_dir / "boundaries.jsonl"
-        if metrics.is_file() and metrics.stat().st_size:
-            self.logger.reopen(lambda: keep_jsonl_rows(metrics, lambda row: False))
+        if self.logger.position():
+            self.logger.rewind(-1, 0)
+        boundaries = self.run_dir / "boundaries.jsonl"
         if boundaries.is_file():
             keep_jsonl_rows(boundaries, lambda row: False)
 
@@ -305,7 +299,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self._fire("pre_step")
         t0 = time.perf_counter()
-        losses, tokens, extra_logs, grad_norm = [], 0, {}, float("nan")
+        losses, tokens, processed, extra_logs, grad_norm = [], 0, 0, {}, float("nan")
         for _ in range(self.cfg.trainer.grad_accum):
             batch = self.runner.next_batch()
             with acc.accumulate(self.model):
@@ -323,7 +317,8 @@ class Trainer:
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
-            tokens += self.runner.tokens_in(batch)
+            tokens += self.runner.tokens_in(batch)  # trained tokens (SFT/RL: response tokens only)
+            processed += batch["x"].numel()  # every position runs forward and backward
         mean_loss = float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
         if not (math.isfinite(grad_norm) and math.isfinite(mean_loss)):
             self.nonfinite_steps += 1
@@ -338,7 +333,8 @@ class Trainer:
                 "perf/tok_per_s": tok_s, "train/nonfinite_steps": self.nonfinite_steps,
                 **{f"train/{k}": v for k, v in extra_logs.items()}}
         if self._peak:
-            logs["perf/mfu"] = self._flops_per_token * tok_s / (self._peak * acc.num_processes)
+            processed_s = processed * acc.num_processes / max(dt, 1e-9)
+            logs["perf/mfu"] = self._flops_per_token * processed_s / (self._peak * acc.num_processes)
         return logs
 
     def _evaluate(self) -> Dict[str, float]:

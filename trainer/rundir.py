@@ -46,6 +46,14 @@ class RunLock:
             self.fd = None
 
 
+def _never_trained(run_dir: Path) -> bool:
+    """Nothing to protect yet: no checkpoint, no logged row, no phase export - a run that stopped during start-up
+    (e.g. on its data or tokenizer), whose corrected config may take the dir over."""
+    metrics = run_dir / "metrics.jsonl"
+    return (not checkpoint_dirs(run_dir) and not (run_dir / "phases").exists()
+            and not (metrics.is_file() and metrics.stat().st_size))
+
+
 def prepare(run_dir: Path, cfg: RunConfig, accelerator=None) -> RunLock:
     """Create or re-enter a run dir (main process). Raises before writing anything on conflict."""
     resume = cfg.trainer.resume
@@ -66,10 +74,14 @@ def prepare(run_dir: Path, cfg: RunConfig, accelerator=None) -> RunLock:
         if saved.is_file() and not cfg.trainer.force:
             old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
             if _comparable(old) != _comparable(to_dict(cfg)):
-                changed = sorted(k for k in set(old) | set(to_dict(cfg))
-                                 if _comparable(old).get(k) != _comparable(to_dict(cfg)).get(k))
-                raise ConfigError(f"run dir {run_dir} holds a run with a different config (sections differ: "
-                                  f"{', '.join(changed)}); use a new trainer.run_dir or trainer.force=true")
+                if not _never_trained(run_dir):
+                    changed = sorted(k for k in set(old) | set(to_dict(cfg))
+                                     if _comparable(old).get(k) != _comparable(to_dict(cfg)).get(k))
+                    raise ConfigError(f"run dir {run_dir} holds a run with a different config (sections differ: "
+                                      f"{', '.join(changed)}); use a new trainer.run_dir or trainer.force=true")
+                stale = run_dir / "tokenizer.model"  # made from the old config's data settings
+                if stale.is_file():
+                    stale.unlink()
         if cfg.trainer.resume == "never" and checkpoint_dirs(run_dir):
             raise ConfigError(f"run dir {run_dir} already has checkpoints and trainer.resume=never; "
                               f"use trainer.resume=auto or a new trainer.run_dir")
