@@ -1,6 +1,7 @@
 """The CPU benchmark code runs and measures what it says (tiny settings; the numbers live in bench/RESULTS.md)."""
 import math
 
+import pytest
 import torch
 
 from bench import throughput as T
@@ -56,10 +57,29 @@ def test_gpu_bench_logic_runs_on_cpu():
     t = gpu.train_throughput(batch=2, steps=2, compile_=False, device="cpu", cfg=preset("nano", block_size=32))
     assert t["tok_s"] > 0 and t["mfu"] is None  # no peak FLOPs for a CPU
     assert math.isfinite(t["first_loss"]) and t["last_loss"] < t["first_loss"]  # 6 steps on one batch
+
+
+def test_gpu_bench_triton_comparison_runs_interpreted(monkeypatch):
+    """The Triton-vs-torch rows of bench/gpu.py, with the kernel interpreted on CPU (skipped without triton)."""
+    from bench import gpu
+    from trainer.instruments import triton_stats
+
+    if not triton_stats.triton_importable():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     rows = gpu.neuron_stats_kernel(repeats=1, device="cpu", shapes=(((2, 16, 64), "silu"),))
-    assert len(rows) == 2  # float32, bfloat16
+    assert [r["dtype"] for r in rows] == ["torch.float32", "torch.bfloat16"]
     for r in rows:
-        assert r.get("error") == "Triton not available" or (r["equal_to_reference"] and r["torch_fused_equal"]), r
+        assert "error" not in r and r["equal_to_reference"] and r["torch_fused_equal"], r
+        assert r["triton_ms"] > 0 and r["reference_ms"] > 0
+
+
+def test_gpu_bench_reports_a_missing_triton(monkeypatch):
+    from bench import gpu
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors without the interpreter: no kernel
+    rows = gpu.neuron_stats_kernel(repeats=1, device="cpu", shapes=(((2, 16, 64), "silu"),))
+    assert [r.get("error") for r in rows] == ["Triton not available"] * 2
 
 
 def test_loss_memory_fused_holds_no_logits():

@@ -236,17 +236,48 @@ MITIGATIONS = {
 }
 
 
+# what each mitigation must have done in the run: (logged key, test on its values); shrink & perturb's effect on the
+# weights is checked in test_shrink_perturb_callback_shrinks_the_weights
+EFFECT = {"redo": ("redo/reset", lambda v: sum(v) > 0), "cbp": ("cbp/replaced", lambda v: sum(v) > 0),
+          "l2_init": ("l2_init/sq_dist", lambda v: max(v) > 0),
+          "shrink_perturb": ("shrink_perturb/applied", lambda v: v == [1.0, 2.0, 3.0]),  # once per task end
+          "replay": ("replay/fraction", lambda v: set(v) == {0.25}),
+          "wd_schedule": ("train/weight_decay", lambda v: v == sorted(v, reverse=True) and v[0] > v[-1]),
+          "rejuvenation": ("rejuvenation/reset", lambda v: sum(v) > 0)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MITIGATIONS))
 def test_end_to_end_each_mitigation(tmp_path, cache_dir, name):
     lines = _run(tmp_path / name, cache_dir, MITIGATIONS[name])
     assert [l["label"] for l in lines] == ["init", "pre-en", "pre-fr", "pre-de"]
     assert all("probe/delta_auc" in l["scalars"] for l in lines)
-    metrics = (tmp_path / name / "metrics.jsonl").read_text()
-    expect = {"redo": "redo/reset", "cbp": "cbp/replaced", "l2_init": "l2_init/sq_dist",
-              "shrink_perturb": "shrink_perturb/applied", "replay": "replay/fraction",
-              "wd_schedule": "train/weight_decay", "rejuvenation": "rejuvenation/reset"}[name]
-    assert expect in metrics
+    rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    key, acted = EFFECT[name]
+    values = [r[key] for r in rows if key in r]
+    assert values and acted(values), (key, values)
+
+
+def test_shrink_perturb_callback_shrinks_the_weights(tmp_path, cache_dir):
+    """At each task end θ <- 0.8 θ + 0.01 θ_init: the weights right after the callback are 0.8 x those before,
+    up to the small perturbation."""
+    from trainer.callbacks import Callback
+    from mitigations.shrink_perturb import ShrinkPerturb
+
+    class Snapshot(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_task_end(self, trainer):
+            self.seen.append(torch.cat([p.detach().flatten().clone() for p in trainer.unwrapped_model.parameters()]))
+
+    before, after = Snapshot(), Snapshot()
+    cfg = load_config(CONTINUAL, tiny_overrides(tmp_path / "r", cache_dir, **{"phases.pre.steps_per_task": 2}))
+    assert Trainer(cfg, [before, ShrinkPerturb(shrink=0.8, sigma=0.01), after]).run() == "done"
+    assert len(before.seen) == len(after.seen) == 3
+    for b, a in zip(before.seen, after.seen):
+        assert (a - 0.8 * b).norm() < 0.05 * b.norm()  # the perturbation is small...
+        assert (a - b).norm() > 0.15 * b.norm()  # ...the shrink is not
 
 
 def test_compare_table_and_plot(tmp_path, cache_dir, capsys):
@@ -255,10 +286,17 @@ def test_compare_table_and_plot(tmp_path, cache_dir, capsys):
     _run(tmp_path / "base", cache_dir, None)
     _run(tmp_path / "redo", cache_dir, MITIGATIONS["redo"])
     assert cli_main(["compare", str(tmp_path / "base"), str(tmp_path / "redo"), "--out", str(tmp_path / "cmp")]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert lines[0].split()[:2] == ["run", "mitigations"]
-    assert any(l.split()[:2] == ["base", "none"] for l in lines) and any(l.split()[:2] == ["redo", "redo"] for l in lines)
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.split()[:2] == ["run", "mitigations"])  # after any library chatter
+    rows = {l.split()[0]: l.split() for l in lines[start + 2:start + 4]}
+    assert sorted(rows) == ["base", "redo"] and rows["base"][1] == "none" and rows["redo"][1] == "redo"
+    for name in ("base", "redo"):  # every column recomputed from the run's own files
+        bounds = [json.loads(l)["scalars"] for l in (tmp_path / name / "boundaries.jsonl").read_text().splitlines()]
+        vals = [json.loads(l)["val/mean"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                if "val/mean" in l]
+        later = [b["probe/delta_auc"] for b in bounds[1:]]
+        assert rows[name][2:] == [f"{vals[-1]:.3f}", f"{sum(later) / len(later):.2f}", f"{later[-1]:.2f}",
+                                  f"{bounds[-1]['neurons/overall/dormant_ratio@0.1']:.3f}"], rows[name]
     png = tmp_path / "cmp" / "compare.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli_main(["compare", str(tmp_path / "missing")]) == 2
@@ -282,9 +320,18 @@ def test_unsupported_combinations_are_refused(tmp_path, cache_dir):
         Trainer(cfg).run()
 
 
-def test_rejuvenation_at_the_start_of_a_pretraining_phase(tmp_path, cache_dir):
+def test_rejuvenation_at_the_start_of_a_pretraining_phase(tmp_path, cache_dir, monkeypatch):
     """The shipped config resets at the start of pretraining phase c, before c's data stream exists: the
     attribution uses held-out validation text of c's languages."""
+    import mitigations.rejuvenation as R
+
+    asked = []
+
+    def spy(trainer, langs, n):
+        asked.append(list(langs))
+        return real(trainer, langs, n)
+    real = R.validation_rows
+    monkeypatch.setattr(R, "validation_rows", spy)
     steps = [f"phases.{p}.steps_per_task=3" for p in "abc"]
     cfg = load_config(REPO / "configs" / "mitigations" / "rejuvenation.yaml",
                       [f"trainer.run_dir={tmp_path / 'r'}", f"data.cache_dir={cache_dir}", *steps,
@@ -293,6 +340,7 @@ def test_rejuvenation_at_the_start_of_a_pretraining_phase(tmp_path, cache_dir):
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     (rej,) = [r for r in rows if "rejuvenation/reset" in r]
     assert rej["phase"] == "c" and rej["rejuvenation/reset"] > 0 and rej["rejuvenation/interpolated"] > 0
+    assert asked == [["de"]]  # phase c's language, the held-out (validation) rows
 
 
 def test_rejuvenation_peeks_sft_batches_without_consuming_them():

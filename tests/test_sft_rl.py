@@ -229,6 +229,15 @@ phases:
     rows = metrics(tmp_path / "ddp")
     assert any("rl/eval_reward" in r for r in rows)
     assert len([r for r in rows if "train/reward_mean" in r]) == 2
+    # the two ranks split each step's global prompt list: disjoint halves, together all of it, in order
+    from data.tasks import make_examples
+    used = [json.loads((tmp_path / "ddp" / f"prompts_rank{r}.json").read_text()) for r in range(2)]
+    seed = load_config(cfg, tiny_overrides(tmp_path / "ddp", cache_dir)).trainer.seed
+    assert sorted(used[0]) == sorted(used[1]) and len(used[0]) == 2  # one entry per step
+    for step in used[0]:
+        everyone = [e.prompt for e in make_examples(["add:1"], 4, seed=stable_seed(seed, "rl", "prompts", int(step)),
+                                                    split="train")]
+        assert used[0][step] + used[1][step] == everyone and len(used[0][step]) == 2, (step, used, everyone)
 
 
 # ----------------------------------------------------------------------------- the effect

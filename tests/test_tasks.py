@@ -336,13 +336,25 @@ def test_pack_exact_fit_and_empty():
 
 
 def test_pack_loss_with_real_cross_entropy():
-    """labels line up with model(input_ids, targets=labels): a 'model' that puts all mass on the true
-    next token of each example gets ~zero loss only on the response positions."""
+    """labels line up with model(input_ids, targets=labels): an oracle that reads only input_ids and puts all
+    mass on each example's true next token gets ~zero loss, and exactly the response tokens (+ EOS) count."""
     exs = make_examples(["add"], 5, seed=0)
     out = sft.pack_sft(TOK, exs, 64)
+    next_of, n_trained = {}, 0  # example prefix -> its next token
+    for ex in exs:
+        ids, labels = sft.encode_example(TOK, ex)
+        for j in range(len(ids) - 1):
+            next_of[tuple(ids[:j + 1])] = ids[j + 1]
+        n_trained += sum(label != -100 for label in labels)
     logits = torch.full((*out["labels"].shape, TOK.vocab_size), -1e4)
-    keep = out["labels"] != -100
-    logits[keep, out["labels"][keep]] = 1e4
+    for r, row in enumerate(out["input_ids"].tolist()):
+        start = 0
+        for t, token in enumerate(row):
+            start = t if token == TOK.bos_id else start  # every example starts with BOS
+            nxt = next_of.get(tuple(row[start:t + 1]))
+            if nxt is not None:
+                logits[r, t, nxt] = 1e4
+    assert int((out["labels"] != -100).sum()) == n_trained
     loss = torch.nn.functional.cross_entropy(logits.view(-1, TOK.vocab_size), out["labels"].view(-1),
                                              ignore_index=-100)
     assert loss.item() == pytest.approx(0.0, abs=1e-4)

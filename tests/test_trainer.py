@@ -175,7 +175,7 @@ def test_continual_tasks_and_optimizer_reset(tmp_path, cache_dir):
 
 
 def test_no_reset_keeps_state_and_schedule(tmp_path, cache_dir):
-    seen = []
+    seen, lrs = [], []
 
     class Probe(Callback):
         def on_task_start(self, trainer):
@@ -183,9 +183,17 @@ def test_no_reset_keeps_state_and_schedule(tmp_path, cache_dir):
             state = innermost(trainer.optimizer).state.values()
             seen.append(sum(float(v.abs().sum()) for st in state for v in st.values()))
 
-    cfg = continual_cfg(tmp_path / "r", cache_dir, **{"phases.pre.reset_optimizer_per_task": "false"})
+        def post_step(self, trainer, logs):
+            lrs.append(logs["train/lr"])
+
+    cfg = continual_cfg(tmp_path / "r", cache_dir, **{"phases.pre.reset_optimizer_per_task": "false",
+                                                       "phases.pre.reset_warmup_per_task": "false"})
     Trainer(cfg, [Probe()]).run()
-    assert seen[0] == 0 and seen[1] > 0 and seen[2] > 0
+    assert seen[0] == 0 and seen[1] > 0 and seen[2] > 0  # Adam state carried across tasks
+    # one schedule over the whole phase (18 steps), no re-warm-up at the task starts (steps 7 and 13)
+    optim = cfg.phases["pre"].optim
+    assert lrs == pytest.approx([lr_at(i, 18, optim) for i in range(18)])
+    assert lrs[6] != lrs[0] and lrs[12] != lrs[0]  # a re-warm-up would start again at lrs[0]
 
 
 def test_checkpoint_integrity_fallback(tmp_path, cache_dir):
