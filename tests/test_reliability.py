@@ -567,16 +567,6 @@ def test_bad_input_through_a_real_process(tmp_path, cache_dir, corpus_dir):
     assert not (tmp_path / "run").exists()
 
 
-def test_replayed_steps_are_not_logged_twice(tmp_path, cache_dir, corpus_dir):
-    run = tmp_path / "run"
-    cfg = lambda: load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir))  # noqa: E731
-    assert Trainer(cfg(), [StopAt(5)]).run() == "preempted"
-    shutil.rmtree(ckpt_dir(run, 5))  # as if killed after step 5 was logged but before its checkpoint
-    assert Trainer(cfg()).run() == "done"
-    steps = [r["step"] for r in metric_rows(run) if "train/loss" in r]
-    assert steps == list(range(1, STEPS + 1))
-
-
 def test_a_run_that_failed_during_start_up_can_be_rerun_corrected(tmp_path, cache_dir, corpus_dir, capsys):
     """An error found only when the data is read comes after config.yaml (and the tokenizer) are written; the
     corrected config may take over such a never-trained run dir, but not one that has trained."""
@@ -588,59 +578,3 @@ def test_a_run_that_failed_during_start_up_can_be_rerun_corrected(tmp_path, cach
     assert Trainer(cfg(), [StopAt(2)]).run() == "preempted"
     with pytest.raises(ConfigError, match="different config"):  # now it has trained: protected again
         Trainer(cfg(**{"phases.pre.optim.lr": 0.5}))
-
-
-class LogTaskStart(Callback):
-    def on_task_start(self, trainer):
-        trainer.log({"test/task_start": float(trainer.task_idx)})
-
-
-def test_resume_at_a_task_boundary_logs_task_start_once(tmp_path, cache_dir, corpus_dir):
-    """The task-end checkpoint is written before the next task's on_task_start logs at the same step; a resume
-    from it fires on_task_start again, so metrics.jsonl goes back to what it held at the checkpoint."""
-    run = tmp_path / "run"
-    cfg = lambda: load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir, **{"trainer.keep_checkpoints": 9}))  # noqa: E731
-    assert Trainer(cfg(), [LogTaskStart()]).run() == "done"
-    for step in (14, 16, 18):  # as if killed during the third task: resume from the task-end checkpoint at 12
-        shutil.rmtree(ckpt_dir(run, step))
-    assert Trainer(cfg(), [LogTaskStart()]).run() == "done"
-    starts = [(r["step"], r["test/task_start"]) for r in metric_rows(run) if "test/task_start" in r]
-    assert starts == [(0, 0.0), (6, 1.0), (12, 2.0)]
-    assert [r["step"] for r in metric_rows(run) if "train/loss" in r] == list(range(1, STEPS + 1))
-
-
-def test_tensorboard_drops_replayed_steps(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from trainer.logger import RunLogger
-
-    log = RunLogger(tmp_path, enabled=True)
-    for step in range(1, 11):
-        log.scalars(step, {"loss": float(step)})
-        if step == 5:
-            at_checkpoint = log.position()
-    log.close()
-    log = RunLogger(tmp_path, enabled=True)  # the resumed process
-    log.rewind(5, at_checkpoint)
-    for step in range(6, 11):
-        log.scalars(step, {"loss": 100.0 + step})
-    log.close()
-    assert [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
-        [1.0, 2.0, 3.0, 4.0, 5.0, 106.0, 107.0, 108.0, 109.0, 110.0]
-    ea = EventAccumulator(str(tmp_path / "tb"))
-    ea.Reload()
-    assert [(e.step, e.value) for e in ea.Scalars("loss")] == \
-        [(s, float(s)) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 11)]
-
-
-@pytest.mark.parametrize("resume", ["auto", "never"])
-def test_restart_without_checkpoint_logs_each_step_once(tmp_path, cache_dir, corpus_dir, resume):
-    run = tmp_path / "run"
-    cfg = lambda: load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir))  # noqa: E731
-    assert Trainer(cfg(), [StopAt(3)]).run() == "preempted"
-    shutil.rmtree(run / "checkpoints")  # as if killed after step 3, before the first checkpoint
-    (run / "boundaries.jsonl").write_text('{"boundary": 0, "label": "init", "global_step": 0}\n')
-    again = load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir, **{"trainer.resume": resume}))
-    assert Trainer(again).run() == "done"
-    steps = [r["step"] for r in metric_rows(run) if "train/loss" in r]
-    assert steps == list(range(1, STEPS + 1))
-    assert (run / "boundaries.jsonl").read_text() == ""  # would be measured again by the instruments
