@@ -219,23 +219,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _validate(config: str, overrides: Sequence[str], sweep: bool) -> None:
-    """Load the config with its overrides as the job will, so that a typo fails here and not on the nodes."""
-    if sweep:
-        from trainer.study import load_study, parse_args
+def _validate(config: str, overrides: Sequence[str], array: int | None) -> None:
+    """Load the config, its overrides and its callbacks as the job will, so that a typo fails here and not on
+    the nodes after queueing; for a sweep, N must be the study's number of runs."""
+    import tempfile
 
-        parsed = parse_args(["run", config, *overrides])
-        load_study(parsed.study, parsed.overrides)
-    else:
-        from trainer.config import load_config
+    import yaml
 
-        load_config(config, list(overrides))
+    from trainer.callbacks import build_callbacks
+    from trainer.config import load_config
+    from trainer.study import load_study, parse_args
+
+    if array is None:
+        try:
+            raw = yaml.safe_load(Path(config).read_text(encoding="utf-8")) if Path(config).is_file() else None
+        except yaml.YAMLError:
+            raw = None  # load_config names the problem
+        if isinstance(raw, dict) and "grid" in raw and "base" in raw:
+            raise ConfigError(f"slurm: {config} is a study config: render its sweep with --array N "
+                              f"(N = its number of runs, see `plasticity study list {config}`)")
+        build_callbacks(load_config(config, list(overrides)).callbacks)
+        return
+    parsed = parse_args(["run", config, *overrides])
+    study = load_study(parsed.study, parsed.overrides)
+    if array != len(study.runs):
+        raise ConfigError(f"slurm: --array {array}, but the study {config} has {len(study.runs)} runs "
+                          f"(one array task per run)")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = study.base_path
+        if not base.is_file():  # an inline base, written to OUT_DIR/base.yaml only when the study runs
+            base = Path(tmp) / "base.yaml"
+            base.write_text(yaml.safe_dump(study.cfg.base), encoding="utf-8")
+        for run in study.runs:
+            build_callbacks(load_config(base, run.overrides).callbacks)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        _validate(args.config, args.overrides, sweep=args.array is not None)
+        _validate(args.config, args.overrides, args.array)
         venv = args.venv or None
         if args.array is not None:
             job_name = args.job_name or "plasticity-sweep"

@@ -21,6 +21,9 @@ from .gpt import GPT, ModelConfig
 
 
 def _hf_config(cfg: ModelConfig):
+    # no special-token ids: HF's defaults (GPT-2's 50256, Llama's 1/2) mean nothing for our vocabulary; export_hf
+    # sets them from the tokenizer
+    no_ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if cfg.flavour == "gpt2":
         from transformers import GPT2Config
 
@@ -30,6 +33,7 @@ def _hf_config(cfg: ModelConfig):
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
             layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
             scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+            **no_ids,
         )
     from transformers import LlamaConfig
 
@@ -39,6 +43,7 @@ def _hf_config(cfg: ModelConfig):
         head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.block_size,
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
         attention_dropout=cfg.dropout, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **no_ids,
     )
 
 
@@ -190,12 +195,7 @@ def export_hf(model: GPT, out_dir: str, tokenizer_model_path: str | None = None,
     if dtype is not None:
         hf = hf.to(dtype)
     tok = None
-    if tokenizer_model_path is None:  # transformers' defaults (e.g. GPT-2's 50256) mean nothing for our vocabulary
-        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            setattr(hf.config, attr, None)
-            if getattr(hf, "generation_config", None) is not None:
-                setattr(hf.generation_config, attr, None)
-    else:
+    if tokenizer_model_path is not None:
         tok, sp = _tokenizer_from_spm(tokenizer_model_path)
         if sp.get_piece_size() > model.cfg.vocab_size:
             raise ConfigError(f"export_hf: tokenizer has {sp.get_piece_size()} pieces but model.vocab_size="

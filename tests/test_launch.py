@@ -191,7 +191,7 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny.yaml").write_text("phases:\n  p: {kind: pretrain}\n")
     (tmp_path / "configs" / "study.yaml").write_text(
-        "base: {phases: {p: {kind: pretrain}}}\nout_dir: runs/s\ngrid: {sizes: [nano]}\n")
+        "base: {phases: {p: {kind: pretrain}}}\nout_dir: runs/s\ngrid: {sizes: [nano, micro, tiny], seeds: [0, 1]}\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -297,7 +297,12 @@ def test_cli_dry_run_prints_script(workdir, capsys):
 
 @pytest.mark.parametrize("argv,culprit", [
     (["configs/tiny.yaml", "--gpus-per-node", "8", "trainer.lr=3e-4"], "trainer.lr"),
-    (["configs/study.yaml", "--array", "2", "--gpus-per-node", "1", "grid.sizez=[nano]"], "sizez"),
+    (["configs/tiny.yaml", "--gpus-per-node", "8", "callbacks=[{name: nosuch}]"], "unknown callback 'nosuch'"),
+    (["configs/study.yaml", "--gpus-per-node", "1"], "is a study config: render its sweep with --array N"),
+    (["configs/study.yaml", "--array", "6", "--gpus-per-node", "1", "grid.sizez=[nano]"], "sizez"),
+    (["configs/study.yaml", "--array", "5", "--gpus-per-node", "1"], "--array 5, but the study"),
+    (["configs/study.yaml", "--array", "12", "--gpus-per-node", "1", "grid.mitigations={x: [{name: nosuch}]}"],
+     "unknown callback 'nosuch'"),
 ])
 def test_cli_validates_the_config_before_rendering(workdir, capsys, argv, culprit):
     """A key the trainer would refuse fails here (exit 2, one line), not on the nodes after queueing."""

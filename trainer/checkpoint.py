@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -34,6 +35,17 @@ CALLBACK_STATE = "callbacks.pt"
 # What a failing write raises: OSError, but on a really full disk torch.save raises RuntimeError
 # ("unexpected pos ...") and safetensors its own SafetensorError.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+class _TiedHeadNote(logging.Filter):
+    """accelerate warns at every save that it dropped `lm_head.weight`, which is `wte.weight` when the
+    embeddings are tied (by design); loading re-ties it and resumes are tested bit-exact, so the note is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("Removed shared tensor" in record.getMessage() and "lm_head.weight" in record.getMessage())
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNote())
 
 
 def write_failure(e: BaseException, default_path) -> str:

@@ -203,7 +203,9 @@ class Trainer:
             setattr(self, key, state[key])
         if self.is_main:  # rows logged after the checkpoint are about to be logged again: drop them
             self.logger.rewind(self.global_step, state.get("log_position"))
-        self._print(f"resumed from {path} (phase {self.phase_name}, task {self.task_idx}, step {self.global_step})")
+        where = ("every phase already done" if self.phase_idx >= len(self.phase_names)
+                 else f"phase {self.phase_name}, task {self.task_idx}")
+        self._print(f"resumed from {path} ({where}, step {self.global_step})")
         return state
 
     def _drop_logs_of_lost_start(self) -> None:

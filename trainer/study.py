@@ -129,6 +129,9 @@ def build_study(raw: dict, path: Optional[Path] = None, overrides: Sequence[str]
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         scfg: StudyConfig = OmegaConf.to_object(cfg)
+    except yaml.YAMLError as e:  # a dotlist value that is not YAML, e.g. grid.mitigations={a:[...]}
+        raise ConfigError(f"study config{f' {path}' if path else ''}: an override is not valid YAML: "
+                          f"{str(e).splitlines()[0]} (write 'key: value' with a space)") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
         raise ConfigError(f"study config{f' {path}' if path else ''}: bad or unknown key '{key}': "
