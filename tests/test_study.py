@@ -305,11 +305,11 @@ def _fake_run(root, name, P, mode, wd, seed, onset, n=9, rng=None):
 def test_report_from_synthetic_boundaries(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "study"
-    for P, onset in ((50_000, 2), (500_000, 4), (5_000_000, 6)):
+    for P, onset in ((50_000, 2), (500_000, 4), (5_000_000, 6)):  # named 50k, 500k, 5000k: reversed as text
         for seed in (0, 1):
-            _fake_run(root, f"{P}-c-s{seed}", P, "continual", 0.1, seed, onset, rng=rng)
-        _fake_run(root, f"{P}-st", P, "stationary", 0.1, 0, onset)
-        _fake_run(root, f"{P}-wd0", P, "continual", 0.0, 0, onset)
+            _fake_run(root, f"{P // 1000}k-c-s{seed}", P, "continual", 0.1, seed, onset, rng=rng)
+        _fake_run(root, f"{P // 1000}k-st", P, "stationary", 0.1, 0, onset)
+        _fake_run(root, f"{P // 1000}k-wd0", P, "continual", 0.0, 0, onset)
     (root / "runs" / "broken").mkdir()
     (root / "runs" / "broken" / "FAILED").write_text(json.dumps({"error": "RuntimeError: boom"}))
     md = write_report(root, n_boot=100)
@@ -323,6 +323,9 @@ def test_report_from_synthetic_boundaries(tmp_path):
     cont = next(f for f in res["fits"] if f["mode"] == "continual" and f["weight_decay"] == 0.1)
     assert cont["fit"]["b"] > 0.2  # onset grows with size in the synthetic data
     assert "not in this study" not in text
+    # the per-run table lists runs by size (as text, "5000k-c-s0" would come before "50k-c-s0")
+    names = [l.split("|")[1].strip() for l in text.splitlines() if l.startswith("| ") and "-c-s" in l.split("|")[1]]
+    assert names == ["50k-c-s0", "50k-c-s1", "500k-c-s0", "500k-c-s1", "5000k-c-s0", "5000k-c-s1"], names
 
 
 def test_report_handles_a_sparse_study(tmp_path):

@@ -220,7 +220,8 @@ def write_report(study_dir: str | Path, out: Optional[str | Path] = None, n_boot
                           "final ΔAUC", "final val loss"],
                          [[e["name"], _psize(e["P"]), e["mode"], e["weight_decay"], e["seed"],
                            e["labels"][e["onset_boundary"]] if e["onset_boundary"] is not None else "none",
-                           e["onset"], e["min_delta_auc"], e["final_delta_auc"], e["pretrain_loss"]] for e in per_run]),
+                           e["onset"], e["min_delta_auc"], e["final_delta_auc"], e["pretrain_loss"]]
+                          for e in sorted(per_run, key=lambda e: (e["P"] or 0, e["name"]))]),  # by size, not name
                   ""]
     # curves
     lines += ["## ΔAUC vs boundary", ""]
