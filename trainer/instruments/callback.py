@@ -133,9 +133,7 @@ class Instruments(Callback):
         """‖θ_after − θ_before‖ of this step, float64 sum of squares; summed over the shards under ZeRO-3
         (each rank holds a disjoint shard; shard padding is zero before and after)."""
         torch._foreach_sub_(self._before, self._held_params())
-        # ZeRO-3 with parameter offload keeps some shards on the host and some on the GPU: sum on the device
-        dev = trainer.accelerator.device
-        sq = torch.stack([n.to(dev, torch.float64) for n in torch._foreach_norm(self._before)]).pow(2).sum()
+        sq = M.sum_of_squares(self._before, trainer.accelerator.device)
         if self._sharded:
             sq = trainer.accelerator.reduce(sq, reduction="sum")
         return float(sq.sqrt())

@@ -124,6 +124,12 @@ def grad_norm(params: Iterable) -> float:
     return float(tot.sqrt())
 
 
+def sum_of_squares(tensors: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """Σ_t ‖t‖² as a float64 scalar on `device`: per-tensor norms in one fused op, summed in float64 (the
+    tensors may live on different devices, e.g. ZeRO-3 shards partly offloaded to the host)."""
+    return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(list(tensors))]).pow(2).sum()
+
+
 def update_norm(before: TensorsLike, after: TensorsLike) -> float:
     """L2 norm of the parameter update sqrt(Σ_θ ‖θ_after − θ_before‖²).
 
@@ -145,8 +151,7 @@ def update_norm(before: TensorsLike, after: TensorsLike) -> float:
     # own dtype for an update much smaller than θ (Sterbenz), and the norms are summed in float64.
     after_t = [a.detach() for _, a in pairs]
     before_t = [b.detach().to(device=a.device, dtype=a.dtype) for b, a in pairs]
-    norms = torch._foreach_norm(torch._foreach_sub(after_t, before_t))
-    return float(torch.stack([n.double().cpu() for n in norms]).pow(2).sum().sqrt())
+    return float(sum_of_squares(torch._foreach_sub(after_t, before_t), "cpu").sqrt())
 
 
 # --------------------------------------------------------------------------- attention
