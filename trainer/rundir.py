@@ -72,11 +72,11 @@ def prepare(run_dir: Path, cfg: RunConfig, accelerator=None) -> RunLock:
     try:
         saved = run_dir / "config.yaml"
         if saved.is_file() and not cfg.trainer.force:
-            old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-            if _comparable(old) != _comparable(to_dict(cfg)):
+            old = _comparable(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+            new = _comparable(to_dict(cfg))
+            if old != new:
                 if not _never_trained(run_dir):
-                    changed = sorted(k for k in set(old) | set(to_dict(cfg))
-                                     if _comparable(old).get(k) != _comparable(to_dict(cfg)).get(k))
+                    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                     raise ConfigError(f"run dir {run_dir} holds a run with a different config (sections differ: "
                                       f"{', '.join(changed)}); use a new trainer.run_dir or trainer.force=true")
                 stale = run_dir / "tokenizer.model"  # made from the old config's data settings
