@@ -76,12 +76,14 @@ def test_tensorboard_drops_replayed_steps(tmp_path):
 @pytest.mark.parametrize("resume", ["auto", "never"])
 def test_restart_without_checkpoint_logs_each_step_once(tmp_path, cache_dir, corpus_dir, resume):
     run = tmp_path / "run"
-    cfg = lambda: load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir))  # noqa: E731
+    instruments = "[{name: instruments, probe: false, sharpness_iters: 0}]"  # incl. the run-start boundary
+    cfg = lambda **kw: load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir, callbacks=instruments, **kw))  # noqa: E731
     assert Trainer(cfg(), [StopAt(3)]).run() == "preempted"
     shutil.rmtree(run / "checkpoints")  # as if killed after step 3, before the first checkpoint
-    (run / "boundaries.jsonl").write_text('{"boundary": 0, "label": "init", "global_step": 0}\n')
-    again = load_config(CONTINUAL, overrides(run, cache_dir, corpus_dir, **{"trainer.resume": resume}))
-    assert Trainer(again).run() == "done"
+    (run / "boundaries.jsonl").write_text('{"boundary": 0, "label": "stale", "global_step": 0}\n')
+    assert Trainer(cfg(**{"trainer.resume": resume})).run() == "done"
     steps = [r["step"] for r in metric_rows(run) if "train/loss" in r]
     assert steps == list(range(1, STEPS + 1))
-    assert (run / "boundaries.jsonl").read_text() == ""  # would be measured again by the instruments
+    # the stale row is gone: every boundary is measured again, once
+    rows = [json.loads(l) for l in (run / "boundaries.jsonl").read_text().splitlines()]
+    assert [(r["boundary"], r["label"]) for r in rows] == [(0, "init"), (1, "pre-en"), (2, "pre-fr"), (3, "pre-de")]

@@ -32,7 +32,7 @@ from trainer import checkpoint, rundir
 from trainer.callbacks import Callback, build_callbacks
 from trainer.config import PhaseConfig, RunConfig
 from trainer.errors import CheckpointError, ConfigError, UserError
-from trainer.logger import RunLogger, keep_jsonl_rows, peak_flops
+from trainer.logger import RunLogger, peak_flops
 from trainer.model_setup import resolve_model_config
 from trainer.optim import apply_hyperparams, lr_at, param_groups, reset_state, set_lr, wrapper_chain
 from trainer.phases import PhaseRunner, get_runner, stable_seed
@@ -210,15 +210,10 @@ class Trainer:
 
     def _drop_logs_of_lost_start(self) -> None:
         """Starting from step 0 in a run dir that already has logs (a run killed before its first
-        checkpoint): every row is about to be logged again. The instruments callback trims
-        boundaries.jsonl itself only on a resume from a checkpoint."""
-        if not self.is_main:
-            return
-        if self.logger.position():
+        checkpoint): every row is about to be logged again (the instruments callback does the same
+        for boundaries.jsonl)."""
+        if self.is_main and self.logger.position():
             self.logger.rewind(-1, 0)
-        boundaries = self.run_dir / "boundaries.jsonl"
-        if boundaries.is_file():
-            keep_jsonl_rows(boundaries, lambda row: False)
 
     # --- phase set-up ---------------------------------------------------------------------
     @contextlib.contextmanager

@@ -99,13 +99,13 @@ class Instruments(Callback):
 
     # --- events -------------------------------------------------------------------------------
     def on_run_start(self, trainer) -> None:
+        path = trainer.run_dir / "boundaries.jsonl"
+        if trainer.is_main and path.is_file():  # rows at or after the restored counter will be measured again
+            # (all of them on a start from step 0, e.g. after a kill before the first checkpoint)
+            keep_jsonl_rows(path, lambda row: isinstance(row.get("boundary"), (int, float))
+                            and row["boundary"] < self.boundary)
         if self.boundary == 0 and trainer.global_step == 0 and self.at_run_start:
             self.measure(trainer, label="init")
-        elif trainer.is_main:  # resumed: boundaries measured after the checkpoint will be measured again
-            path = trainer.run_dir / "boundaries.jsonl"
-            if path.is_file():
-                keep_jsonl_rows(path, lambda row: isinstance(row.get("boundary"), (int, float))
-                                and row["boundary"] < self.boundary)
 
     def on_task_end(self, trainer) -> None:
         self.measure(trainer, label=f"{trainer.phase_name}-{trainer.task_name}")
