@@ -222,7 +222,7 @@ def run(quick: bool = False, compile_: bool = True, log=print) -> dict:
         compile_flavours = ("gpt2",)
     else:
         plan = [("0.1M", 8, 10, 7), ("1M", 8, 5, 7), ("10M", 8, 2, 5)]
-        compile_plan = [("0.1M", 8, 5, 5)]
+        compile_plan = [("0.1M", 8, 5, 5), ("1M", 8, 4, 5), ("10M", 8, 2, 3)]  # compile: 5-25 s per model
         compile_flavours = ("gpt2", "llama")
     results = []
     for flavour in ("gpt2", "llama"):

@@ -9,14 +9,8 @@ import os
 import pytest
 
 from data import corpus
-from data.corpus_builder import (
-    build_corpus,
-    dedup,
-    extract_paragraphs,
-    keep_paragraph,
-    normalize_ws,
-    write_gz_lines,
-)
+from data.corpus_builder import build_corpus, write_gz_lines
+from data.html_text import dedup, extract_paragraphs, keep_paragraph, normalize_ws
 from data.langid import identify, is_language
 from trainer.errors import DataError
 

@@ -87,3 +87,30 @@ def test_restart_without_checkpoint_logs_each_step_once(tmp_path, cache_dir, cor
     # the stale row is gone: every boundary is measured again, once
     rows = [json.loads(l) for l in (run / "boundaries.jsonl").read_text().splitlines()]
     assert [(r["boundary"], r["label"]) for r in rows] == [(0, "init"), (1, "pre-en"), (2, "pre-fr"), (3, "pre-de")]
+
+
+def test_instruments_of_a_later_phase_trim_their_rows_on_resume(tmp_path, cache_dir, corpus_dir):
+    """Instruments scoped to phase `b`, resumed from a checkpoint inside phase `a`: the rows that the lost
+    attempt measured in `b` are dropped at the run start (not only when `b` begins), and `b` logs each once."""
+    cfg_file = tmp_path / "two_phases.yaml"
+    cfg_file.write_text(CONTINUAL.read_text().replace("  pre:", "  a:") + """\
+  b:
+    kind: pretrain
+    mode: continual
+    languages: [fr, de]
+    steps_per_task: 4
+""")
+    run = tmp_path / "run"
+    instruments = "[{name: instruments, probe: false, sharpness_iters: 0, phases: [b]}]"
+    cfg = lambda: load_config(cfg_file, overrides(run, cache_dir, corpus_dir, callbacks=instruments,  # noqa: E731
+                                                  **{"trainer.keep_checkpoints": 99}))
+    assert Trainer(cfg()).run() == "done"
+    labels = lambda: [json.loads(l)["label"] for l in (run / "boundaries.jsonl").read_text().splitlines()]  # noqa: E731
+    assert labels() == ["b-fr", "b-de"]
+    for ckpt in sorted((run / "checkpoints").glob("step_*")):
+        if int(ckpt.name[5:]) > 10:  # resume inside phase a (18 steps), after its first checkpoints
+            shutil.rmtree(ckpt)
+    assert Trainer(cfg(), [StopAt(12)]).run() == "preempted"  # still in phase a
+    assert not (run / "boundaries.jsonl").read_text()  # b's rows are about to be measured again
+    assert Trainer(cfg()).run() == "done"
+    assert labels() == ["b-fr", "b-de"]

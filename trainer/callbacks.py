@@ -23,7 +23,9 @@ class Callback:
     def check(self, trainer) -> None:
         """Once per run, before anything is trained, for every callback whatever its `phases`: refuse a setup
         it cannot handle here (a ConfigError), so a callback scoped to a later phase fails at the start."""
-    def on_run_start(self, trainer) -> None: ...
+    def on_run_start(self, trainer) -> None:
+        """Once per process, after any resume, for every callback whatever its `phases`: a run start lies
+        outside every phase (e.g. trim a log of rows about to be measured again)."""
     def on_phase_start(self, trainer) -> None: ...
     def on_phase_resume(self, trainer) -> None:
         """A run resumed in the middle of this phase (on_phase_start fired in the earlier process)."""

@@ -361,7 +361,8 @@ class Trainer:
         resumed = self._resume()
         if self._peak is None:
             self.logger.text(self.global_step, "perf/mfu", "n/a: no peak FLOP/s known for this device (CPU?)")
-        self._fire("on_run_start")
+        for cb in self.callbacks:  # outside every phase: all callbacks hear it (see Callback.on_run_start)
+            cb.on_run_start(self)
         total_steps = sum(self._phase_steps(p) for p in self.cfg.phases.values())
         bar = tqdm(total=total_steps, initial=self.global_step, disable=not (self.is_main and self.cfg.trainer.progress),
                    dynamic_ncols=True)

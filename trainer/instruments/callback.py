@@ -104,7 +104,7 @@ class Instruments(Callback):
             # (all of them on a start from step 0, e.g. after a kill before the first checkpoint)
             keep_jsonl_rows(path, lambda row: isinstance(row.get("boundary"), (int, float))
                             and row["boundary"] < self.boundary)
-        if self.boundary == 0 and trainer.global_step == 0 and self.at_run_start:
+        if self.boundary == 0 and trainer.global_step == 0 and self.at_run_start and self.active(trainer):
             self.measure(trainer, label="init")
 
     def on_task_end(self, trainer) -> None:
