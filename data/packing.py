@@ -136,6 +136,11 @@ def rank_share(batches: Sequence, rank: int, world: int) -> List[tuple]:
     return share
 
 
+def rank_share_rows(rows, batch_size: int, rank: int, world: int) -> List[tuple]:
+    """rank_share of ``rows`` cut into consecutive batches of ``batch_size`` rows."""
+    return rank_share([rows[i:i + batch_size] for i in range(0, len(rows), batch_size)], rank, world)
+
+
 def iterate_eval_batches(rows: torch.Tensor, batch_size: int, max_batches: int) -> List[torch.Tensor]:
     """Fixed, unshuffled validation batches (the same every evaluation)."""
     return [rows[i:i + batch_size] for i in range(0, min(len(rows), batch_size * max_batches), batch_size)]

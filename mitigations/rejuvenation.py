@@ -24,7 +24,7 @@ from trainer.errors import CheckpointError, ConfigError
 from trainer.instruments.callback import pretraining_languages, spread, validation_rows
 from trainer.instruments.probe import gathered_copy
 from mitigations.base import Mitigation, check_boundaries
-from data.packing import rank_share
+from data.packing import rank_share_rows
 from mitigations.neurons import attribution_scores, generator, mlps, reset_units
 from mitigations.state_access import StateAccess
 
@@ -97,7 +97,7 @@ class Rejuvenation(Mitigation):
         acc = trainer.accelerator
         langs = trainer.phase_cfg.languages if trainer.phase_cfg.kind == "pretrain" else pretraining_languages(trainer.cfg)
         rows = spread(validation_rows(trainer, list(langs), self.batches), self.batches * mb * acc.num_processes)
-        share = rank_share([rows[i:i + mb] for i in range(0, len(rows), mb)], acc.process_index, acc.num_processes)
+        share = rank_share_rows(rows, mb, acc.process_index, acc.num_processes)
         batches = [b if counts else b[:0] for b, counts in share]
         dev = acc.device
 

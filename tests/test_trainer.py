@@ -250,6 +250,14 @@ def test_rank_share_strides_and_pads_for_lockstep():
     assert [(int(x[0, 0]), n) for x, n in rank_share([a, b, c], 0, 1)] == [(1, True), (2, True), (3, True)]
 
 
+def test_rank_share_rows_cuts_consecutive_batches():
+    from data.packing import rank_share_rows
+    rows = torch.arange(5).view(5, 1)  # batches of 2 rows: [0, 1], [2, 3], [4]
+    got = lambda rank: [(x.flatten().tolist(), n) for x, n in rank_share_rows(rows, 2, rank, 2)]  # noqa: E731
+    assert got(0) == [([0, 1], True), ([4], True)]
+    assert got(1) == [([2, 3], True), ([0, 1], False)]
+
+
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA L4", 121e12),
                                        ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12),

@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from data.packing import rank_share
+from data.packing import rank_share_rows
 
 from .neuron_stats import DEFAULT_DELTA, DEFAULT_EPS, NeuronStatsAccumulator, normalize_act_kind
 
@@ -178,8 +178,7 @@ def measure_neurons(model: nn.Module, rows: torch.Tensor, batch_size: int, devic
     was_training = model.training
     model.eval()
     hooks = NeuronHooks(model)
-    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    for batch, counts in rank_share(batches, rank, world):
+    for batch, counts in rank_share_rows(rows, batch_size, rank, world):
         with hooks if counts else contextlib.nullcontext():
             model(batch[:, :-1].to(device))
     model.train(was_training)
