@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 CONFIG  ?= configs/demo.yaml
 PIPELINE ?= configs/pipeline/tiny.yaml
 STUDY   ?= configs/study/cpu.yaml
@@ -25,16 +26,20 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 
 install: $(STAMP)  ## create .venv and install pinned requirements + this package (editable)
 
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q -r requirements-test.txt
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)  ## pretrain a tiny GPT on the bundled corpus (CPU, a few minutes) -> runs/demo
 	$(BIN)/plasticity train $(CONFIG) $(ARGS)
 
-test: $(STAMP)  ## the whole test suite, distributed tests included (CPU)
+test: $(TEST_STAMP)  ## the whole test suite, distributed tests included (CPU)
 	$(BIN)/python -m pytest tests $(ARGS)
 
-test-fast: $(STAMP)  ## tests without the slow end-to-end and multi-process ones
+test-fast: $(TEST_STAMP)  ## tests without the slow end-to-end and multi-process ones
 	$(BIN)/python -m pytest tests -m "not slow and not dist" $(ARGS)
 
-test-dist: $(STAMP)  ## only the multi-process DDP / DeepSpeed tests (2 CPU processes, gloo)
+test-dist: $(TEST_STAMP)  ## only the multi-process DDP / DeepSpeed tests (2 CPU processes, gloo)
 	$(BIN)/python -m pytest tests -m dist $(ARGS)
 
 lint: $(STAMP)  ## byte-compile everything and check the package imports
