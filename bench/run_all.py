@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         from bench import throughput as T
 
         res = T.run(a.quick, compile_=not a.no_compile, log=log)
-        text = ("Training step = zero_grad + forward + cross-entropy + backward + AdamW, on CPU, one thread, "
+        text = ("Training step = zero_grad + forward + cross-entropy + backward + fused AdamW (all three), on CPU, one thread, "
                 "batch 8 x 128 tokens, vocab 2048, sizes from `models.sizes.config_for_params` (gpt2: tied "
                 "embeddings). `ours` = models.gpt.GPT, `HF` = models.hf.to_hf(ours) (GPT2LMHeadModel / "
                 "LlamaForCausalLM, attn implementation "

@@ -154,6 +154,26 @@ def test_resume_is_bit_exact(tmp_path, cache_dir):
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
+def test_optimizer_is_fused_and_an_unfused_checkpoint_resumes_unfused(tmp_path, cache_dir):
+    """AdamW is fused; a checkpoint from before (param_groups with fused=None) keeps stepping unfused, so an old
+    run resumes bit-exactly (fused and unfused AdamW round differently)."""
+    class Unfused(Callback):  # the optimizer as built by the code before fused=True
+        def on_run_start(self, trainer):
+            for g in trainer.optimizer.param_groups:
+                g["fused"] = None
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert Trainer(continual_cfg(straight, cache_dir), [Unfused()]).run() == "done"
+    assert Trainer(continual_cfg(split, cache_dir), [Unfused(), StopAt(9)]).run() == "preempted"
+    resumed = Trainer(continual_cfg(split, cache_dir))  # today's code: built fused, then the checkpoint loads
+    assert all(g["fused"] for g in resumed.optimizer.param_groups)
+    assert resumed.run() == "done"
+    assert losses(straight) == losses(split)
+    fused = tmp_path / "fused"
+    assert Trainer(continual_cfg(fused, cache_dir)).run() == "done"
+    assert losses(fused) != losses(straight)  # the setting matters: unfused and fused AdamW round differently
+
+
 def test_continual_tasks_and_optimizer_reset(tmp_path, cache_dir):
     seen = []
 

