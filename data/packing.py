@@ -17,6 +17,7 @@ from datasets import Dataset, disable_progress_bars
 
 from data.tokenizer import Tokenizer, texts_digest
 from trainer.errors import DataError
+from trainer.fileio import write_atomic
 
 
 def tokenize_to_array(tok: Tokenizer, texts: Sequence[str], cache_dir: str | Path | None = None) -> np.ndarray:
@@ -32,9 +33,7 @@ def tokenize_to_array(tok: Tokenizer, texts: Sequence[str], cache_dir: str | Pat
     flat = np.fromiter((i for ids in ds["ids"] for i in ids), dtype=np.int32)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, flat)
-        tmp.replace(path)
+        write_atomic(path, lambda f: np.save(f, flat))  # parallel runs may fill the same entry at once
     return flat
 
 

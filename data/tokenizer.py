@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
 import sentencepiece as spm
 
 from trainer.errors import ConfigError, DataError
+from trainer.fileio import write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _TRAINER_VERSION = "spm-unigram-v2"  # bump when training options change so caches are not reused
@@ -85,7 +85,5 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: str | Path
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars. 512 vs 969"
         raise ConfigError(f"config key 'data.vocab_size': {vocab_size} does not fit the tokenizer's training text: "
                           f"{str(e).split('] ')[-1].splitlines()[0]}") from None
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, target)
+    write_atomic(target, model.getvalue())
     return Tokenizer(target)

@@ -45,6 +45,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.errors import ConfigError, UserError
+from trainer.fileio import write_atomic
 
 DONE, FAILED = "DONE", "FAILED"
 
@@ -246,16 +247,14 @@ def _prepare_dirs(study: Study) -> None:
     if isinstance(study.cfg.base, dict):
         text = yaml.safe_dump(study.cfg.base, sort_keys=False)
         if not study.base_path.is_file() or study.base_path.read_text(encoding="utf-8") != text:
-            study.base_path.write_text(text, encoding="utf-8")
+            write_atomic(study.base_path, text)  # array tasks start together and all write it
     manifest = {"name": study.cfg.name, "study_config": str(study.path) if study.path else None,
                 "base": str(study.base_path), "runs": [r.meta() for r in study.runs]}
-    (study.out_dir / "study.json").write_text(json.dumps(manifest, indent=1, default=str))
+    _write_json(study.out_dir / "study.json", manifest)
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 # --- executing one run ---------------------------------------------------------------------------
