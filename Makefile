@@ -27,7 +27,8 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 install: $(STAMP)  ## create .venv and install pinned requirements + this package (editable)
 
 $(TEST_STAMP): $(STAMP) requirements-test.txt
-	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q -r requirements-test.txt
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q -r requirements-test.txt \
+		|| echo "triton could not be installed here: the Triton kernel tests will be skipped"
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)  ## pretrain a tiny GPT on the bundled corpus (CPU, a few minutes) -> runs/demo

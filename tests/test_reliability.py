@@ -470,6 +470,8 @@ BAD = {
     "later_phase_no_decay": ("phases:\n  a: {kind: pretrain}\n  b: {kind: pretrain, optim: {no_decay: []}}\n", [],
                              "phases.b.optim.no_decay", None),
     "zero_log_interval": ("continual", ["trainer.log_interval=0"], "trainer.log_interval", None),
+    "two_instruments": ("continual", ["callbacks=[{name: instruments, phases: [pre]}, {name: instruments}]"],
+                        "callbacks.1 (instruments): only one", None),
     # cases against an existing run dir (a run stopped at step 4, languages given as files)
     "other_config_no_force": ("midway", ["phases.pre.optim.lr=0.5"], "different config", None),
     "resume_never_with_ckpts": ("midway", ["trainer.resume=never"], "trainer.resume=never", None),

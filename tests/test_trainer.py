@@ -154,14 +154,16 @@ def test_resume_is_bit_exact(tmp_path, cache_dir):
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
+class Unfused(Callback):
+    """The optimizer as built by the code before fused AdamW (what an old checkpoint restores)."""
+    def on_run_start(self, trainer):
+        for g in trainer.optimizer.param_groups:
+            g["fused"] = None
+
+
 def test_optimizer_is_fused_and_an_unfused_checkpoint_resumes_unfused(tmp_path, cache_dir):
     """AdamW is fused; a checkpoint from before (param_groups with fused=None) keeps stepping unfused, so an old
     run resumes bit-exactly (fused and unfused AdamW round differently)."""
-    class Unfused(Callback):  # the optimizer as built by the code before fused=True
-        def on_run_start(self, trainer):
-            for g in trainer.optimizer.param_groups:
-                g["fused"] = None
-
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert Trainer(continual_cfg(straight, cache_dir), [Unfused()]).run() == "done"
     assert Trainer(continual_cfg(split, cache_dir), [Unfused(), StopAt(9)]).run() == "preempted"
@@ -172,6 +174,60 @@ def test_optimizer_is_fused_and_an_unfused_checkpoint_resumes_unfused(tmp_path, 
     fused = tmp_path / "fused"
     assert Trainer(continual_cfg(fused, cache_dir)).run() == "done"
     assert losses(fused) != losses(straight)  # the setting matters: unfused and fused AdamW round differently
+
+
+def test_the_probe_steps_adamw_like_the_run(tmp_path, cache_dir, monkeypatch):
+    """Probe results of an old run resumed with today's code stay comparable with its earlier ones."""
+    import trainer.instruments.callback as instruments
+    from trainer.callbacks import build_callbacks
+
+    seen, real = [], instruments.probe_model
+    monkeypatch.setattr(instruments, "probe_model", lambda *a, **kw: seen.append(kw["fused"]) or real(*a, **kw))
+    entry = [{"name": "instruments", "probe_steps": 2, "sharpness_iters": 0}]
+    for run, extra, fused in (("old", [Unfused()], False), ("new", [], True)):
+        seen.clear()
+        assert Trainer(continual_cfg(tmp_path / run, cache_dir), extra + build_callbacks(entry)).run() == "done"
+        assert seen and all(f is fused for f in seen), (run, seen)
+
+
+def test_fp16_overflow_lowers_the_loss_scale_and_training_goes_on(tmp_path, cache_dir):
+    """fp16 on a GPU: accelerate steps through a GradScaler. An overflowed step must still reach the scaler (it
+    skips the update and halves its scale); skipping it made the next clip raise "unscale_() has already been
+    called". accelerate builds no scaler on CPU, so the test installs the one it builds on a GPU."""
+    from accelerate.optimizer import patch_optimizer_step
+    from accelerate.state import AcceleratorState
+
+    class Overflow(Callback):
+        def post_backward(self, trainer):
+            if trainer.global_step + 1 == 3:  # the 3rd step's gradients overflow
+                for p in trainer.model.parameters():
+                    p.grad.fill_(float("inf"))
+
+    class Recorder(Callback):
+        def pre_step(self, trainer):
+            self.before = [p.detach().clone() for p in trainer.model.parameters()]
+
+        def post_step(self, trainer, logs):
+            if trainer.global_step == 3:
+                self.unchanged = all(torch.equal(a, p) for a, p in zip(self.before, trainer.model.parameters()))
+
+    AcceleratorState._reset_state()  # accelerate keeps one precision per process; earlier tests set "no"
+    try:
+        t = Trainer(continual_cfg(tmp_path / "r", cache_dir, **{"trainer.mixed_precision": "fp16"}),
+                    [Overflow(), rec := Recorder()])
+        t.accelerator.native_amp, t.accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        o = t.optimizer  # what AcceleratedOptimizer.__init__ sets up when it gets a scaler
+        o.scaler, o._accelerate_step_called = t.accelerator.scaler, False
+        o._optimizer_original_step_method = o.optimizer.step
+        o._optimizer_patched_step_method = patch_optimizer_step(o, o.optimizer.step)
+        assert t.run() == "done"
+    finally:
+        AcceleratorState._reset_state()  # later tests build their accelerators without fp16
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/loss_scale" in r]
+    assert [r["train/loss_scale"] for r in rows[:4]] == [1024.0, 1024.0, 512.0, 512.0]
+    assert rec.unchanged and all(r["train/nonfinite_steps"] == 0 for r in rows) and len(rows) == 18
+    assert rows[0]["train/grad_norm"] < 100  # clipped after unscaling (the scaled norm is ~1000x larger)
 
 
 def test_continual_tasks_and_optimizer_reset(tmp_path, cache_dir):

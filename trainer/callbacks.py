@@ -16,6 +16,8 @@ class Callback:
     name: str = "callback"
     # Phases this callback is active in ([] = all). Set from the config entry's `phases`.
     phases: List[str] = []
+    # Why a second entry of this callback would break the run (e.g. two writers of one log), or "" if it may repeat.
+    one_per_run: str = ""
 
     def active(self, trainer) -> bool:
         return not self.phases or trainer.phase_name in self.phases
@@ -77,5 +79,7 @@ def build_callbacks(entries: List[dict]) -> List[Callback]:
         except TypeError as e:
             raise ConfigError(f"callbacks.{i} ({name}): {e}") from None
         cb.phases = list(phases)
+        if cb.one_per_run and any(type(o) is type(cb) for o in out):
+            raise ConfigError(f"callbacks.{i} ({name}): only one '{name}' entry per run: {cb.one_per_run}")
         out.append(cb)
     return out

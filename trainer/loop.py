@@ -312,14 +312,17 @@ class Trainer:
                 if acc.sync_gradients:
                     self._fire("post_backward")
                     grad_norm = self._clip(p.optim.grad_clip)
-                    if math.isfinite(grad_norm):
+                    # fp16 (GradScaler, GPU): the scaler itself skips an overflowed step and lowers its scale
+                    # in step(); without that call it stays "unscaled" and the next clip raises
+                    if math.isfinite(grad_norm) or acc.scaler is not None:
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
             tokens += self.runner.tokens_in(batch)  # trained tokens (SFT/RL: response tokens only)
             processed += batch["x"].numel()  # every position runs forward and backward
         mean_loss = float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
-        if not (math.isfinite(grad_norm) and math.isfinite(mean_loss)):
+        # an fp16 overflow (loss finite, gradients not) is the loss-scale search, not a failing run
+        if not (math.isfinite(mean_loss) and (math.isfinite(grad_norm) or acc.scaler is not None)):
             self.nonfinite_steps += 1
             if self.nonfinite_steps > self.cfg.trainer.max_nonfinite_steps:
                 raise NonFiniteError(
@@ -331,6 +334,8 @@ class Trainer:
         logs = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                 "perf/tok_per_s": tok_s, "train/nonfinite_steps": self.nonfinite_steps,
                 **{f"train/{k}": v for k, v in extra_logs.items()}}
+        if acc.scaler is not None:
+            logs["train/loss_scale"] = float(acc.scaler.get_scale())
         if self._peak:
             processed_s = processed * acc.num_processes / max(dt, 1e-9)
             logs["perf/mfu"] = self._flops_per_token * processed_s / (self._peak * acc.num_processes)

@@ -32,7 +32,7 @@ from trainer.instruments import metrics as M
 from trainer.instruments.hooks import NeuronHooks, capture_features, measure_neurons
 from trainer.instruments.neuron_stats import flatten_summary
 from trainer.logger import keep_jsonl_rows
-from trainer.optim import zero_stage
+from trainer.optim import innermost, zero_stage
 from trainer.instruments.probe import ProbeConfig, delta_auc, fresh_copy, gathered_copy, probe_model
 from trainer.phases import stable_seed
 
@@ -61,6 +61,9 @@ def measurement_rows(trainer, batches_per_language: int) -> torch.Tensor:
 
 @register("instruments")
 class Instruments(Callback):
+    one_per_run = ("entries would share RUN/boundaries.jsonl and its boundary numbers (scope one entry with "
+                   "phases: [...])")
+
     def __init__(self, measure_batches: int = 4, taus: List[float] = (0.0, 0.01, 0.1), sat_threshold: float = 0.99,
                  feature_rows: int = 1024, sharpness_iters: int = 10, clone_threshold: float = 0.95,
                  probe: bool = True, probe_steps: int = 60, probe_lr: float = 1e-3, probe_batch_size: int = 8,
@@ -202,10 +205,11 @@ class Instruments(Callback):
     def _probe(self, trainer, model) -> Dict[str, float]:
         train_rows, val_rows = trainer.data.probe_rows()
         device = trainer.accelerator.device
+        fused = bool(innermost(trainer.optimizer).param_groups[0].get("fused"))  # probes compare across resumes
         if self.fresh_auc is None:
             fresh = fresh_copy(trainer, stable_seed(trainer.cfg.trainer.seed, "probe-fresh"))
-            self.fresh_auc = probe_model(fresh, train_rows, val_rows, self.probe_cfg, device)["auc"]
-        res = probe_model(copy.deepcopy(model), train_rows, val_rows, self.probe_cfg, device)
+            self.fresh_auc = probe_model(fresh, train_rows, val_rows, self.probe_cfg, device, fused=fused)["auc"]
+        res = probe_model(copy.deepcopy(model), train_rows, val_rows, self.probe_cfg, device, fused=fused)
         if self.first_auc is None:
             self.first_auc = res["auc"]
         return {"probe/auc": res["auc"], "probe/delta_auc": delta_auc(res["auc"], self.first_auc),

@@ -56,12 +56,13 @@ def _val_loss(model: GPT, batches, device) -> float:
 
 
 def probe_model(model: GPT, train_rows: torch.Tensor, val_rows: torch.Tensor, cfg: ProbeConfig,
-                device: Optional[torch.device] = None, autocast=None) -> Dict[str, object]:
-    """Fine-tune `model` in place (pass a copy!) and return its validation curve and AUC."""
+                device: Optional[torch.device] = None, autocast=None, fused: bool = True) -> Dict[str, object]:
+    """Fine-tune `model` in place (pass a copy!) and return its validation curve and AUC. `fused`: AdamW's
+    kernel, as the run's own optimizer (unfused in runs resumed from checkpoints older than fused AdamW)."""
     device = device or next(model.parameters()).device
     stream = RowStream(train_rows, seed=cfg.seed)  # same batches at every boundary
     val = iterate_eval_batches(val_rows, cfg.batch_size, cfg.eval_batches)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
     model.train()
     curve = [[0, _val_loss(model, val, device)]]
     for step in range(1, cfg.steps + 1):
