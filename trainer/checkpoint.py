@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 
 from trainer.errors import CheckpointError
+from trainer.fileio import write_atomic
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -74,9 +75,7 @@ def _files(root: Path) -> List[Path]:
 
 def write_manifest(root: Path) -> None:
     entries = {str(p.relative_to(root)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(root)}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"created": time.time(), "files": entries}, indent=1))
-    os.replace(tmp, root / MANIFEST)
+    write_atomic(root / MANIFEST, json.dumps({"created": time.time(), "files": entries}, indent=1))
 
 
 def verify(root: Path) -> Optional[str]:

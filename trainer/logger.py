@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from trainer.fileio import write_atomic
+
 # Dense bf16 peak FLOP/s per device, matched as whole words of the device name (longest key first, so
 # "H100 NVL" before "H100"; whole words, so "L4" does not match "L40").
 PEAK_FLOPS = {
@@ -27,9 +29,7 @@ def keep_jsonl_rows(path: Path, keep: Callable[[dict], bool]) -> None:
             continue
         if isinstance(row, dict) and keep(row):
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept))
 
 
 def peak_flops(device_name: Optional[str]) -> Optional[float]:

@@ -32,6 +32,7 @@ from trainer import checkpoint, rundir
 from trainer.callbacks import Callback, build_callbacks
 from trainer.config import PhaseConfig, RunConfig
 from trainer.errors import CheckpointError, ConfigError, UserError
+from trainer.fileio import write_atomic
 from trainer.logger import RunLogger, peak_flops
 from trainer.model_setup import resolve_model_config
 from trainer.optim import apply_hyperparams, lr_at, param_groups, reset_state, set_lr, wrapper_chain
@@ -122,9 +123,7 @@ class Trainer:
                                  d.tokenizer_languages, d.tokenizer_sample_lines,
                                  tokenizer_path=tok_file if tok_file.is_file() else None)
         if self.is_main and not tok_file.is_file():
-            tmp = tok_file.with_suffix(".tmp")
-            tmp.write_bytes(self.data.tokenizer.path.read_bytes())
-            os.replace(tmp, tok_file)
+            write_atomic(tok_file, self.data.tokenizer.path.read_bytes())
         self.model_cfg: ModelConfig = resolve_model_config(cfg, self.data.tokenizer.vocab_size)
         set_seed(cfg.trainer.seed)
         model = GPT(self.model_cfg)
@@ -293,6 +292,7 @@ class Trainer:
 
     def _train_step(self, p: PhaseConfig) -> Dict[str, float]:
         acc = self.accelerator
+        scaler = acc.scaler  # fp16 loss scaling (GPU only): None in fp32/bf16, on CPU and under DeepSpeed
         horizon, pos = self._horizon_and_step(p)
         lr = lr_at(pos, horizon, p.optim)
         set_lr(self.optimizer, lr)
@@ -314,7 +314,7 @@ class Trainer:
                     grad_norm = self._clip(p.optim.grad_clip)
                     # fp16 (GradScaler, GPU): the scaler itself skips an overflowed step and lowers its scale
                     # in step(); without that call it stays "unscaled" and the next clip raises
-                    if math.isfinite(grad_norm) or acc.scaler is not None:
+                    if math.isfinite(grad_norm) or scaler is not None:
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
@@ -322,7 +322,7 @@ class Trainer:
             processed += batch["x"].numel()  # every position runs forward and backward
         mean_loss = float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
         # an fp16 overflow (loss finite, gradients not) is the loss-scale search, not a failing run
-        if not (math.isfinite(mean_loss) and (math.isfinite(grad_norm) or acc.scaler is not None)):
+        if not (math.isfinite(mean_loss) and (math.isfinite(grad_norm) or scaler is not None)):
             self.nonfinite_steps += 1
             if self.nonfinite_steps > self.cfg.trainer.max_nonfinite_steps:
                 raise NonFiniteError(
@@ -334,8 +334,8 @@ class Trainer:
         logs = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                 "perf/tok_per_s": tok_s, "train/nonfinite_steps": self.nonfinite_steps,
                 **{f"train/{k}": v for k, v in extra_logs.items()}}
-        if acc.scaler is not None:
-            logs["train/loss_scale"] = float(acc.scaler.get_scale())
+        if scaler is not None:
+            logs["train/loss_scale"] = float(scaler.get_scale())
         if self._peak:
             processed_s = processed * acc.num_processes / max(dt, 1e-9)
             logs["perf/mfu"] = self._flops_per_token * processed_s / (self._peak * acc.num_processes)

@@ -10,6 +10,7 @@ import yaml
 from trainer.checkpoint import checkpoint_dirs, verify
 from trainer.config import RunConfig, to_dict, to_yaml
 from trainer.errors import CheckpointError, ConfigError, UserError
+from trainer.fileio import write_atomic
 
 # Keys that may change between a run and its resumption without --force.
 _VOLATILE = {("trainer", "resume"), ("trainer", "force"), ("trainer", "progress")}
@@ -87,9 +88,7 @@ def prepare(run_dir: Path, cfg: RunConfig, accelerator=None) -> RunLock:
                               f"use trainer.resume=auto or a new trainer.run_dir")
         text = to_yaml(cfg)
         if not (saved.is_file() and saved.read_text(encoding="utf-8") == text):
-            tmp = run_dir / "config.yaml.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, saved)
+            write_atomic(saved, text)
         lock.record_owner()
     except BaseException:
         lock.release()
